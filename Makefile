@@ -1,0 +1,40 @@
+# vhostd — the two commands: `make run` and `make test`. Both do every set-up step on a fresh
+# Debian 12 machine (as root, or with sudo): system packages, a virtualenv, the extension build.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SOCKET_DIR ?= /var/tmp
+RPC_SOCKET ?= /var/tmp/spdk.sock
+PYTEST_ARGS ?=
+
+.PHONY: run test deps sysdeps venv build guest clean
+
+run: deps
+	$(BIN)/vhostd -S $(SOCKET_DIR) -r $(RPC_SOCKET) -m 0x1 --json scripts/demo-config.json --http 127.0.0.1:9250
+
+test: deps guest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+deps: sysdeps venv build
+
+sysdeps:
+	scripts/install-system-deps.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# Rebuild the data-plane extension in place after a change under ext/.
+build: venv
+	$(BIN)/python setup.py --quiet build_ext --inplace
+
+# The e2e test guest: Debian cloud kernel + busybox initramfs with the virtio modules.
+guest:
+	scripts/build-guest.sh build/guest
+
+clean:
+	rm -rf build $(VENV) vhostd/*.so ext/*.c *.egg-info

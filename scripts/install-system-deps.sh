@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian packages vhostd and its tests need, skipping those already present.
+set -euo pipefail
+PACKAGES=(
+    gcc make python3-dev python3-venv pkg-config liburing-dev   # building the extension
+    qemu-system-x86 qemu-utils busybox-static cpio              # e2e guests, qemu-storage-daemon
+    clang libclang-rt-14-dev                                    # AddressSanitizer build for fuzzing
+    valgrind                                                    # instruction counts in the benchmark
+)
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
