@@ -1,6 +1,6 @@
 """Build of the data-plane extension; compiler flags live here and nowhere else.
 
-One compiled module, ``vhostd._dataplane``, built from ``ext/dataplane.pyx`` which includes the
+One compiled module, ``vhostd._dataplane``, built from ``ext/_dataplane.pyx`` which includes the
 parts (``ext/*.pxi``).  ``VHOSTD_ASAN=1`` builds it with AddressSanitizer for the fuzz tests.
 """
 import os
@@ -16,7 +16,7 @@ if os.environ.get("VHOSTD_ASAN") == "1":
 
 dataplane = Extension(
     "vhostd._dataplane",
-    sources=["ext/dataplane.pyx"],
+    sources=["ext/_dataplane.pyx"],
     include_dirs=["ext"],
     libraries=["uring"],
     extra_compile_args=CFLAGS,

@@ -1,0 +1,308 @@
+# Declarations of the vhostd data plane, cimported by _dataplane.pyx: every struct the per-I/O path
+# touches.  The code lives in the .pxi parts that _dataplane.pyx includes.  Nothing declared here
+# holds a Python object.
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stddef cimport size_t
+from posix.types cimport off_t
+
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+
+
+cdef extern from "<liburing.h>" nogil:
+    struct io_uring:
+        pass
+    struct io_uring_sqe:
+        pass
+    struct io_uring_cqe:
+        uint64_t user_data
+        int32_t res
+        uint32_t flags
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits
+# ---------------------------------------------------------------------------------------------
+cdef enum:
+    MAX_MEM_REGIONS = 32        # GET_MAX_MEM_SLOTS answer; QEMU sends ≤ 8 without mem-slots
+    MAX_IOV = 130               # segments per request: seg_max (128) + header + status
+    MAX_QUEUE_SIZE = 1024       # largest virtqueue accepted (QEMU's own limit)
+    MAX_REACTOR_QUEUES = 1024   # virtqueues one reactor polls
+    MAX_SCSI_TARGETS = 8
+    LAT_BUCKETS = 40            # latency histogram: bucket b holds [2^b, 2^(b+1)) ticks
+    MAILBOX_SIZE = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Guest memory: the regions a front-end shared with us, and bounds-checked translation
+# ---------------------------------------------------------------------------------------------
+cdef struct mem_region_t:
+    uint64_t gpa            # guest physical address of the first byte
+    uint64_t size           # bytes
+    uint64_t uaddr          # front-end (QEMU) virtual address of the first byte
+    uint8_t *hva            # our mapping of the first byte
+
+cdef struct guest_mem_t:
+    uint32_t nregions
+    mem_region_t regions[MAX_MEM_REGIONS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Block devices: one struct for every kind, one request type, one submit entry point
+# ---------------------------------------------------------------------------------------------
+cdef enum bdev_kind_t:
+    BDEV_MALLOC = 1
+    BDEV_NULL = 2
+    BDEV_FILE = 3
+
+cdef enum bdev_op_t:
+    OP_READ = 1
+    OP_WRITE = 2
+    OP_FLUSH = 3
+    OP_UNMAP = 4
+    OP_WRITE_ZEROES = 5
+
+cdef struct io_stats_t:
+    # One channel's counters (single writer: the thread that owns the channel).  Names follow
+    # SPDK's bdev_get_iostat keys.
+    uint64_t bytes_read
+    uint64_t num_read_ops
+    uint64_t bytes_written
+    uint64_t num_write_ops
+    uint64_t bytes_unmapped
+    uint64_t num_unmap_ops
+    uint64_t num_flush_ops
+    uint64_t read_latency_ticks
+    uint64_t max_read_latency_ticks
+    uint64_t min_read_latency_ticks
+    uint64_t write_latency_ticks
+    uint64_t max_write_latency_ticks
+    uint64_t min_write_latency_ticks
+    uint64_t unmap_latency_ticks
+    uint64_t max_unmap_latency_ticks
+    uint64_t min_unmap_latency_ticks
+    uint64_t failed
+    uint64_t qos_queued
+
+cdef struct qos_t:
+    # Token buckets, refilled per reactor pass; 0 = unlimited.  Shared by every channel of the
+    # bdev: tokens are taken with atomic operations.
+    uint64_t ios_per_sec
+    uint64_t bytes_per_sec
+    uint64_t read_bytes_per_sec
+    uint64_t write_bytes_per_sec
+    int64_t ios_tokens
+    int64_t bytes_tokens
+    int64_t read_bytes_tokens
+    int64_t write_bytes_tokens
+    uint64_t last_refill_tick
+    uint32_t enabled
+
+cdef struct bdev_t:
+    uint32_t kind
+    uint32_t block_size
+    uint64_t num_blocks
+    uint32_t readonly
+    uint32_t removed         # set by the control plane on hot-remove; new I/O fails (ENODEV)
+    uint8_t *data            # malloc: the disk's bytes
+    size_t data_len
+    int fd                   # file: buffered descriptor
+    int fd_direct            # file: O_DIRECT descriptor, or -1
+    uint32_t direct_align    # file: alignment O_DIRECT needs for offsets, lengths and buffers
+    qos_t qos
+
+cdef struct bdev_io_t
+ctypedef void (*bdev_io_cb_t)(bdev_io_t *io) noexcept nogil
+
+cdef struct range_t:
+    uint64_t offset          # bytes
+    uint64_t length          # bytes
+
+cdef struct bdev_io_t:
+    bdev_t *bdev
+    uint32_t op
+    int32_t status           # 0 or -errno, set before cb runs
+    uint64_t offset          # bytes (READ/WRITE/UNMAP/WRITE_ZEROES)
+    uint64_t length          # bytes
+    iovec *iov               # READ/WRITE data
+    int iovcnt
+    range_t *ranges          # UNMAP/WRITE_ZEROES with several ranges (nranges > 0), else offset/length
+    uint32_t nranges
+    uint32_t pending         # sub-operations still in the kernel
+    bdev_io_cb_t cb
+    void *cb_arg
+    io_stats_t *stats        # the channel this I/O is accounted to
+    uint64_t submit_tick
+    bdev_io_t *next_queued   # io_ctx wait list (submission queue full, or QoS)
+
+cdef struct io_ctx_t:
+    # One thread's I/O engine: an io_uring for file bdevs, and the list of I/Os waiting for room.
+    io_uring ring
+    int ring_ready
+    int event_fd             # signalled by the kernel on completions (for sleeping reactors)
+    uint32_t in_kernel       # submitted SQEs not yet completed
+    uint32_t unsubmitted     # prepared SQEs not yet handed to the kernel
+    bdev_io_t *queued_head
+    bdev_io_t *queued_tail
+
+
+# ---------------------------------------------------------------------------------------------
+# Split virtqueues
+# ---------------------------------------------------------------------------------------------
+cdef packed struct vring_desc_t:
+    uint64_t addr
+    uint32_t len
+    uint16_t flags
+    uint16_t next
+
+cdef struct vring_used_elem_t:
+    uint32_t id
+    uint32_t len
+
+cdef enum:
+    VRING_DESC_F_NEXT = 1
+    VRING_DESC_F_WRITE = 2
+    VRING_DESC_F_INDIRECT = 4
+    VRING_AVAIL_F_NO_INTERRUPT = 1
+    VRING_USED_F_NO_NOTIFY = 1
+
+cdef packed struct inflight_desc_t:
+    uint8_t inflight
+    uint8_t padding[5]
+    uint16_t next
+    uint64_t counter
+
+cdef packed struct inflight_queue_t:
+    uint64_t features
+    uint16_t version
+    uint16_t desc_num
+    uint16_t last_batch_head
+    uint16_t used_idx
+    # inflight_desc_t desc[desc_num] follows
+
+cdef struct vq_stats_t:
+    uint64_t requests
+    uint64_t read_ops
+    uint64_t write_ops
+    uint64_t other_ops
+    uint64_t bytes_read
+    uint64_t bytes_written
+    uint64_t errors          # requests completed with an error status
+    uint64_t bad_chains      # descriptor chains rejected (bad address, loop, layout)
+    uint64_t notifications   # call eventfd writes
+    uint64_t suppressed      # completions whose interrupt was coalesced or suppressed
+    uint64_t kicks           # kick eventfd wake-ups
+    uint64_t latency_ticks
+    uint64_t lat_hist[LAT_BUCKETS]
+
+cdef struct task_t
+cdef struct vq_t
+ctypedef void (*vq_handler_t)(vq_t *vq, task_t *task) noexcept nogil
+
+cdef struct task_t:
+    vq_t *vq
+    uint16_t head            # descriptor id returned in the used ring
+    uint16_t n_iov           # segments in iov
+    uint16_t n_readable      # the first n_readable segments are device-readable
+    uint16_t busy
+    uint32_t used_len        # bytes written into device-writable buffers
+    uint32_t dev_u32         # device scratch (blk: request type; scsi: target)
+    uint64_t start_tick
+    uint8_t *status          # blk: status byte in guest memory
+    bdev_io_t io
+    range_t range            # blk discard/write-zeroes, scsi unmap (single range)
+    uint8_t scratch[128]     # device header staging (scsi response)
+    iovec iov[MAX_IOV]
+
+cdef struct vq_t:
+    guest_mem_t *mem
+    vring_desc_t *desc
+    uint16_t *avail          # flags, idx, ring[size], used_event
+    uint8_t *used            # flags u16, idx u16, ring[size] {u32 id, u32 len}, avail_event u16
+    uint16_t size
+    uint16_t index           # queue number within its device
+    uint16_t last_avail_idx  # next avail slot we will read
+    uint16_t used_idx        # our copy of used->idx
+    uint16_t signalled_used  # used idx at the last notification decision (EVENT_IDX "old")
+    uint16_t inflight_count  # popped, not yet pushed
+    uint32_t event_idx       # VIRTIO_RING_F_EVENT_IDX negotiated
+    uint32_t indirect        # VIRTIO_RING_F_INDIRECT_DESC negotiated
+    uint32_t broken          # ring state is invalid: stop fetching until reset
+    uint32_t stopping        # no new requests are fetched (GET_VRING_BASE / detach in progress)
+    uint32_t need_notify     # used entries pushed since the last notification decision
+    uint32_t notify_enabled  # kicks currently requested from the driver (reactor sleeping)
+    int kick_fd
+    int call_fd
+    # coalescing (vhost_controller_set_coalescing)
+    uint32_t coalesce_delay_ticks
+    uint64_t coalesce_iops_threshold
+    uint64_t last_notify_tick
+    # inflight tracking region (GET/SET_INFLIGHT_FD), or NULL
+    inflight_queue_t *inflight
+    inflight_desc_t *inflight_desc
+    uint64_t inflight_counter
+    # device
+    void *device             # blk_dev_t* / scsi_dev_t*
+    vq_handler_t handler
+    task_t *tasks            # size entries, indexed by head
+    vq_stats_t stats
+    io_stats_t io_stats      # bdev channel counters for blk queues
+
+
+# ---------------------------------------------------------------------------------------------
+# Reactor: one pinned thread, its queues, its mailbox and its I/O engine
+# ---------------------------------------------------------------------------------------------
+cdef enum mailbox_op_t:
+    MB_ADD_QUEUE = 1
+    MB_REMOVE_QUEUE = 2      # stop fetching, wait for in-flight requests, detach
+    MB_SET_CALL_FD = 3
+    MB_BARRIER = 4
+    MB_STOP = 5
+    MB_CALL = 6              # run fn(arg) on the reactor thread
+
+ctypedef int (*reactor_fn_t)(void *arg) noexcept nogil
+
+cdef struct mailbox_msg_t:
+    uint32_t op
+    uint32_t done            # set (release) by the reactor when finished
+    int32_t result
+    int32_t fd
+    vq_t *vq
+    reactor_fn_t fn
+    void *arg
+    mailbox_msg_t *next_pending
+
+cdef struct reactor_stats_t:
+    uint64_t busy_ticks
+    uint64_t idle_ticks
+    uint64_t poll_passes
+    uint64_t sleeps
+    uint64_t wakeups
+    uint64_t notifications
+    uint64_t coalesced
+
+cdef struct reactor_t:
+    int lcore
+    int epoll_fd
+    int wake_fd              # mailbox doorbell
+    int ack_fd               # written after a message completes (watched by asyncio)
+    uint32_t stop
+    pthread_mutex_t *lock
+    mailbox_msg_t *inbox[MAILBOX_SIZE]
+    uint32_t inbox_head
+    uint32_t inbox_tail
+    mailbox_msg_t *draining  # REMOVE_QUEUE messages waiting for their queue to drain
+    vq_t *queues[MAX_REACTOR_QUEUES]
+    uint32_t nqueues
+    io_ctx_t io
+    uint64_t idle_sleep_ticks   # idle spell after which the reactor sleeps
+    reactor_stats_t stats
