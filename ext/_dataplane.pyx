@@ -13,5 +13,9 @@ from dataplane cimport *
 include "platform.pxi"
 include "guestmem.pxi"
 include "bdev.pxi"
+include "iov.pxi"
+include "vring.pxi"
+include "blk.pxi"
+include "reactor.pxi"
 
 tick_rate()

@@ -209,11 +209,17 @@ cdef struct vq_t
 ctypedef void (*vq_handler_t)(vq_t *vq, task_t *task) noexcept nogil
 
 cdef struct task_t:
+    # One request popped from a virtqueue, from pop to push.  iov holds the chain's buffers in
+    # order: n_readable device-readable segments, then the device-writable ones.  When `bad` is
+    # set the chain was well-formed but some buffer is unusable (outside guest memory, readable
+    # after writable, too many segments): such a segment has iov_base NULL, and the device
+    # reports an error through whatever part of the chain is valid.
     vq_t *vq
     uint16_t head            # descriptor id returned in the used ring
     uint16_t n_iov           # segments in iov
     uint16_t n_readable      # the first n_readable segments are device-readable
-    uint16_t busy
+    uint8_t busy             # popped and not yet pushed
+    uint8_t bad              # see above
     uint32_t used_len        # bytes written into device-writable buffers
     uint32_t dev_u32         # device scratch (blk: request type; scsi: target)
     uint64_t start_tick
@@ -242,6 +248,7 @@ cdef struct vq_t:
     uint32_t notify_enabled  # kicks currently requested from the driver (reactor sleeping)
     int kick_fd
     int call_fd
+    int err_fd               # signalled when the ring is found broken
     # coalescing (vhost_controller_set_coalescing)
     uint32_t coalesce_delay_ticks
     uint64_t coalesce_iops_threshold
@@ -250,12 +257,30 @@ cdef struct vq_t:
     inflight_queue_t *inflight
     inflight_desc_t *inflight_desc
     uint64_t inflight_counter
+    uint16_t *resubmit       # heads still in flight when the queue started, oldest first
+    uint16_t n_resubmit
+    uint16_t resubmit_pos
+    io_ctx_t *io             # the I/O engine of the reactor polling this queue
     # device
     void *device             # blk_dev_t* / scsi_dev_t*
     vq_handler_t handler
     task_t *tasks            # size entries, indexed by head
     vq_stats_t stats
     io_stats_t io_stats      # bdev channel counters for blk queues
+
+
+# ---------------------------------------------------------------------------------------------
+# virtio-blk device
+# ---------------------------------------------------------------------------------------------
+cdef enum:
+    BLK_SERIAL_LEN = 20
+
+cdef struct blk_dev_t:
+    bdev_t *bdev
+    uint32_t readonly
+    uint32_t max_discard_sectors
+    uint32_t max_write_zeroes_sectors
+    char serial[BLK_SERIAL_LEN]
 
 
 # ---------------------------------------------------------------------------------------------
