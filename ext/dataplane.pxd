@@ -289,7 +289,7 @@ cdef struct blk_dev_t:
 cdef enum mailbox_op_t:
     MB_ADD_QUEUE = 1
     MB_REMOVE_QUEUE = 2      # stop fetching, wait for in-flight requests, detach
-    MB_SET_CALL_FD = 3
+    MB_SET_FDS = 3           # fd → call_fd, fd2 → err_fd
     MB_BARRIER = 4
     MB_STOP = 5
     MB_CALL = 6              # run fn(arg) on the reactor thread
@@ -301,6 +301,7 @@ cdef struct mailbox_msg_t:
     uint32_t done            # set (release) by the reactor when finished
     int32_t result
     int32_t fd
+    int32_t fd2
     vq_t *vq
     reactor_fn_t fn
     void *arg

@@ -100,8 +100,9 @@ cdef int _process_mailbox(reactor_t *r) noexcept nogil:
             msg.vq.stopping = 1
             msg.next_pending = r.draining
             r.draining = msg
-        elif msg.op == MB_SET_CALL_FD:
+        elif msg.op == MB_SET_FDS:
             msg.vq.call_fd = msg.fd
+            msg.vq.err_fd = msg.fd2
             _ack(r, msg, 0)
         elif msg.op == MB_CALL:
             _ack(r, msg, msg.fn(msg.arg))
@@ -300,11 +301,12 @@ cdef class Reactor:
         with nogil:
             reactor_run(self.r)
 
-    cdef MailboxMessage _post(self, uint32_t op, vq_t *vq, int fd, object payload):
+    cdef MailboxMessage _post(self, uint32_t op, vq_t *vq, int fd, object payload, int fd2=-1):
         cdef MailboxMessage m = MailboxMessage()
         m.msg.op = op
         m.msg.vq = vq
         m.msg.fd = fd
+        m.msg.fd2 = fd2
         m.payload = payload
         with nogil:
             pthread_mutex_lock(self.r.lock)
@@ -333,9 +335,10 @@ cdef class Reactor:
         """Drop the reference kept on a queue once its removal is done."""
         self.queues.discard(queue)
 
-    def post_set_call_fd(self, VirtQueue queue, int fd):
-        """Switch a running queue's call eventfd (the old one may be closed once done)."""
-        return self._post(MB_SET_CALL_FD, queue.vq, fd, queue)
+    def post_set_fds(self, VirtQueue queue, int call_fd, int err_fd):
+        """Switch a running queue's call and error eventfds (-1: none); the old ones may be
+        closed once done."""
+        return self._post(MB_SET_FDS, queue.vq, call_fd, queue, err_fd)
 
     def post_barrier(self):
         """A message that is done once the reactor has processed everything posted before it."""

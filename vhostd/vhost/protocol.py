@@ -409,9 +409,14 @@ class MessageReader:
         self._buffer += data
         self._fds.extend(fds)
 
-    @property
-    def pending_bytes(self) -> int:
-        return len(self._buffer)
+    def bytes_needed(self) -> int:
+        """How many more bytes complete the message being read: the header first, then exactly
+        its payload (so a reader never consumes the next message's bytes, or its fds)."""
+        have = len(self._buffer)
+        if have < HEADER_SIZE:
+            return HEADER_SIZE - have
+        _, _, size = HEADER.unpack_from(self._buffer)
+        return max(1, min(size, MAX_PAYLOAD + 1) + HEADER_SIZE - have)
 
     def next_message(self) -> Message | None:
         if len(self._buffer) < HEADER_SIZE:

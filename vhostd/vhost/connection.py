@@ -1,0 +1,285 @@
+"""One front-end connection: reads messages, feeds the session, carries its effects out.
+
+The connection is where the pure session meets the data plane: it maps guest memory, builds
+VirtQueue objects, hands them to reactors and takes them back through the reactors' mailboxes, and
+sends replies.  Messages are handled strictly one at a time, each with all its effects finished
+(a GET_VRING_BASE reply waits for the queue to drain), as the protocol requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import mmap
+import os
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .. import _dataplane as dp
+from . import protocol as p
+from . import session as s
+from .features import VirtioFeature
+from .transport import ConnectionClosed, Transport
+
+if TYPE_CHECKING:
+    from .controller import Controller
+
+log = logging.getLogger(__name__)
+
+INFLIGHT_QUEUE_ALIGN = 64
+
+
+def inflight_queue_bytes(queue_size: int) -> int:
+    """Bytes of one queue's inflight-tracking region: 16-byte header + 16 per descriptor."""
+    return (16 + 16 * queue_size + INFLIGHT_QUEUE_ALIGN - 1) // INFLIGHT_QUEUE_ALIGN * INFLIGHT_QUEUE_ALIGN
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Connection:
+    """A connected front-end (QEMU) on a controller's socket."""
+
+    def __init__(self, controller: Controller, transport: Transport, session_id: int) -> None:
+        self.controller = controller
+        self.transport = transport
+        self.id = session_id
+        self.device = controller.session_device()
+        self.session = s.Session(self.device)
+        self.memory: dp.GuestMemory | None = None
+        self.inflight_map: mmap.mmap | None = None
+        self.inflight_fd: int | None = None
+        self.inflight_stride = 0
+        self.inflight_queues = 0
+        self.inflight_base = 0
+        self.queues: dict[int, tuple[dp.VirtQueue, dp.Reactor]] = {}
+        self.closed = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return "%ss%d" % (self.controller.name, self.id)
+
+    @property
+    def started(self) -> bool:
+        return bool(self.queues)
+
+    async def run(self) -> None:
+        """Serve the front-end until it disconnects or breaks the protocol."""
+        try:
+            while True:
+                msg = await self.transport.receive()
+                log.debug("%s: %s", self.name, msg.name())
+                effects = self.session.receive(msg)
+                await self.execute(effects)
+        except ConnectionClosed:
+            log.info("%s: front-end disconnected", self.name)
+        except p.ProtocolError as exc:
+            log.warning("%s: protocol error, closing: %s", self.name, exc)
+        except Exception:
+            log.exception("%s: closing after an internal error", self.name)
+        finally:
+            await self.shutdown()
+
+    async def execute(self, effects: list[s.Effect]) -> None:
+        """Carry effects out in order; follow-up effects run before the rest."""
+        todo = deque(effects)
+        while todo:
+            effect = todo.popleft()
+            more = await self._do(effect)
+            if more:
+                todo.extendleft(reversed(more))
+
+    async def _do(self, effect: s.Effect) -> list[s.Effect]:
+        if isinstance(effect, s.Reply):
+            await self.transport.send(p.encode_reply(effect.request, effect.payload), effect.fds)
+        elif isinstance(effect, s.StartQueue):
+            await self._start_queue(effect.index)
+        elif isinstance(effect, s.StopQueue):
+            return await self._stop_queue(effect.index)
+        elif isinstance(effect, s.Reconcile):
+            return self.session.reconcile(effect.index)
+        elif isinstance(effect, s.ForgetQueue):
+            return self.session.forget_queue(effect.index)
+        elif isinstance(effect, s.MapMemory):
+            self._map_memory(effect)
+        elif isinstance(effect, s.AddMemoryRegion):
+            self._add_region(effect)
+        elif isinstance(effect, s.RemoveMemoryRegion):
+            self._remove_region(effect)
+        elif isinstance(effect, s.UpdateQueueFds):
+            await self._update_fds(effect)
+        elif isinstance(effect, s.CloseFds):
+            for fd in effect.fds:
+                _close(fd)
+        elif isinstance(effect, s.MapInflight):
+            self._map_inflight(effect)
+        elif isinstance(effect, s.CreateInflight):
+            return self._create_inflight(effect)
+        else:
+            raise TypeError("unknown effect %r" % (effect,))
+        return []
+
+    # -- memory -------------------------------------------------------------------------------
+    def _map_memory(self, effect: s.MapMemory) -> None:
+        old = self.memory
+        memory = dp.GuestMemory()
+        try:
+            for region, fd in effect.regions:
+                memory.add_region(region.guest_phys_addr, region.memory_size, region.userspace_addr,
+                                  region.mmap_offset, fd)
+        except (OSError, ValueError) as exc:
+            memory.close()
+            raise p.ProtocolError("memory table refused: %s" % exc) from None
+        finally:
+            for _, fd in effect.regions:
+                _close(fd)
+        self.memory = memory
+        if old is not None:
+            old.close()      # every queue using it was stopped by earlier effects
+
+    def _add_region(self, effect: s.AddMemoryRegion) -> None:
+        r = effect.region
+        try:
+            if self.memory is None:
+                self.memory = dp.GuestMemory()
+            self.memory.add_region(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset,
+                                   effect.fd)
+        except (OSError, ValueError) as exc:
+            raise p.ProtocolError("memory region refused: %s" % exc) from None
+        finally:
+            _close(effect.fd)
+
+    def _remove_region(self, effect: s.RemoveMemoryRegion) -> None:
+        r = effect.region
+        if self.memory is not None:
+            try:
+                self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+            except KeyError as exc:
+                raise p.ProtocolError(str(exc)) from None
+
+    # -- inflight tracking --------------------------------------------------------------------
+    def _release_inflight(self) -> None:
+        if self.inflight_map is not None:
+            self.inflight_map.close()
+            self.inflight_map = None
+        _close(self.inflight_fd)
+        self.inflight_fd = None
+
+    def _create_inflight(self, effect: s.CreateInflight) -> list[s.Effect]:
+        stride = inflight_queue_bytes(effect.queue_size)
+        size = stride * effect.num_queues
+        fd = os.memfd_create("vhostd-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            region = mmap.mmap(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
+        self._release_inflight()
+        self.inflight_map, self.inflight_fd = region, fd
+        self.inflight_stride, self.inflight_queues = stride, effect.num_queues
+        self.inflight_base = 0
+        return self.session.inflight_created(effect, fd, size)
+
+    def _map_inflight(self, effect: s.MapInflight) -> None:
+        stride = inflight_queue_bytes(effect.queue_size)
+        try:
+            st = os.fstat(effect.fd)
+            if effect.mmap_size < stride * effect.num_queues:
+                raise ValueError("%d bytes cannot hold %d queues of %d"
+                                 % (effect.mmap_size, effect.num_queues, effect.queue_size))
+            if st.st_size < effect.mmap_offset + effect.mmap_size:
+                raise ValueError("inflight fd has %d bytes, the region needs %d"
+                                 % (st.st_size, effect.mmap_offset + effect.mmap_size))
+            whole = mmap.mmap(effect.fd, effect.mmap_offset + effect.mmap_size)
+        except (OSError, ValueError) as exc:
+            _close(effect.fd)
+            raise p.ProtocolError("inflight region refused: %s" % exc) from None
+        self._release_inflight()
+        self.inflight_fd = effect.fd
+        self.inflight_map = whole
+        self.inflight_stride = stride
+        self.inflight_queues = effect.num_queues
+        self.inflight_base = effect.mmap_offset
+
+    # -- queues -------------------------------------------------------------------------------
+    async def _start_queue(self, index: int) -> None:
+        vring = self.session.vrings[index]
+        queue = dp.VirtQueue(index)
+        try:
+            if self.memory is None:
+                raise ValueError("no memory table")
+            queue.configure(self.memory, vring.size, vring.desc, vring.avail, vring.used, vring.base,
+                            self.session.negotiated(VirtioFeature.RING_EVENT_IDX),
+                            self.session.negotiated(VirtioFeature.RING_INDIRECT_DESC))
+            if self.inflight_map is not None and index < self.inflight_queues:
+                resubmitted = queue.set_inflight(self.inflight_map,
+                                                 self.inflight_base + index * self.inflight_stride)
+                if resubmitted:
+                    log.info("%s: queue %d resubmits %d requests in flight before", self.name, index,
+                             resubmitted)
+        except ValueError as exc:
+            self.session.queue_failed(index, str(exc))
+            if vring.err_fd is not None:
+                os.eventfd_write(vring.err_fd, 1)
+            return
+        queue.set_fds(_fd(vring.kick_fd), _fd(vring.call_fd), _fd(vring.err_fd))
+        reactor = self.device.attach_queue(index, queue)
+        await self.controller.reactors.wait(reactor, reactor.post_add_queue(queue))
+        self.queues[index] = (queue, reactor)
+        self.session.queue_started(index)
+
+    async def _stop_queue(self, index: int) -> list[s.Effect]:
+        entry = self.queues.pop(index, None)
+        if entry is None:
+            return self.session.queue_stopped(index, self.session.vrings[index].base)
+        queue, reactor = entry
+        await self.controller.reactors.wait(reactor, reactor.post_remove_queue(queue))
+        reactor.forget_queue(queue)
+        self.device.detach_queue(index, queue, reactor)
+        return self.session.queue_stopped(index, queue.last_avail_idx)
+
+    async def _update_fds(self, effect: s.UpdateQueueFds) -> None:
+        vring = self.session.vrings[effect.index]
+        entry = self.queues.get(effect.index)
+        if entry is not None:
+            queue, reactor = entry
+            await self.controller.reactors.wait(
+                reactor, reactor.post_set_fds(queue, _fd(vring.call_fd), _fd(vring.err_fd)))
+        for fd in effect.old_fds:
+            _close(fd)
+
+    def queue_stats(self) -> list[dict]:
+        return [dict(queue=i, lcore=r.lcore, **q.stats()) for i, (q, r) in sorted(self.queues.items())]
+
+    @property
+    def inflight_task_count(self) -> int:
+        return sum(q.inflight_count for q, _ in self.queues.values())
+
+    async def shutdown(self) -> None:
+        """Take every queue back from the reactors, then release memory and fds."""
+        if self.closed.is_set():
+            return
+        try:
+            for index in list(self.queues):
+                await self._stop_queue(index)
+        finally:
+            for fd in self.session.owned_fds():
+                _close(fd)
+            if self.memory is not None:
+                self.memory.close()
+                self.memory = None
+            self._release_inflight()
+            self.transport.close()
+            self.closed.set()
+            self.controller.connection_closed(self)
+
+
+def _fd(fd: int | None) -> int:
+    return -1 if fd is None else fd
