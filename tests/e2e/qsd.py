@@ -55,9 +55,9 @@ class StorageDaemon(ProcessHarness):
         deadline = time.monotonic() + timeout_s
         while not (self.pid_path.exists() and self.socket_path.exists()):
             if self._proc.poll() is not None:
-                raise StorageDaemonError(f"qemu-storage-daemon exited with status {self._proc.returncode}\n{self._details()}")
+                raise self._error(f"exited with status {self._proc.returncode}")
             if time.monotonic() > deadline:
-                raise StorageDaemonError(f"qemu-storage-daemon not ready within {timeout_s:.0f} s\n{self._details()}")
+                raise self._error(f"not ready within {timeout_s:.0f} s")
             time.sleep(0.02)
 
     def close(self) -> None:
@@ -67,6 +67,7 @@ class StorageDaemon(ProcessHarness):
         for path in (self.socket_path, self.pid_path):
             path.unlink(missing_ok=True)
 
-    def _details(self) -> str:
+    def _error(self, what: str) -> StorageDaemonError:
         log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return f"command: {shlex.join(self.command_line)}\n--- log ---\n{tail_text(log)}"
+        command = shlex.join(self.command_line)
+        return StorageDaemonError(f"qemu-storage-daemon {what}\ncommand: {command}\n--- log ---\n{tail_text(log)}")
