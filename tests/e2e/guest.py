@@ -115,7 +115,7 @@ class VhostUserDevice:
     def __post_init__(self) -> None:
         if self.kind not in _DEVICE_DRIVERS:
             raise ValueError(f"unknown vhost-user device kind {self.kind!r} (blk or scsi)")
-        _check_unix_path(self.socket)
+        check_unix_path(self.socket)
 
     @property
     def chardev_id(self) -> str:
@@ -133,12 +133,12 @@ class VhostUserDevice:
 
     def command_line_args(self) -> list[str]:
         """``-chardev`` and ``-device`` options, in the order QEMU needs them."""
-        chardev = f"socket,id={self.chardev_id},path={_qemu_opt_value(self.socket)}"
+        chardev = f"socket,id={self.chardev_id},path={qemu_opt_value(self.socket)}"
         if self.reconnect_s is not None:
             chardev += f",reconnect={self.reconnect_s}"
         props = self.device_properties()
         device = ",".join(
-            [str(props.pop("driver"))] + [f"{k}={_qemu_opt_value(v)}" for k, v in props.items()]
+            [str(props.pop("driver"))] + [f"{k}={qemu_opt_value(v)}" for k, v in props.items()]
         )
         return ["-chardev", chardev, "-device", device]
 
@@ -153,14 +153,16 @@ class VhostUserDevice:
         return {"id": self.chardev_id, "backend": {"type": "socket", "data": data}}
 
 
-def _qemu_opt_value(value: object) -> str:
+def qemu_opt_value(value: object) -> str:
+    """``value`` as written in a QEMU ``key=value,...`` option."""
     if isinstance(value, bool):
         return "on" if value else "off"
     # QEMU's option syntax escapes a comma by doubling it.
     return os.fspath(value).replace(",", ",,") if isinstance(value, (str, os.PathLike)) else str(value)
 
 
-def _check_unix_path(path: str | os.PathLike[str]) -> None:
+def check_unix_path(path: str | os.PathLike[str]) -> None:
+    """ValueError for a path too long to bind or connect a unix socket to."""
     if len(os.fsencode(path)) > MAX_UNIX_PATH_BYTES:
         raise ValueError(f"unix socket path longer than {MAX_UNIX_PATH_BYTES} bytes: {path}")
 
@@ -398,7 +400,7 @@ class Guest(ProcessHarness):
             "-nographic",
             "-no-reboot",
             "-serial", "stdio",
-            "-qmp", f"unix:{_qemu_opt_value(self.qmp_path)},server=on,wait=off",
+            "-qmp", f"unix:{qemu_opt_value(self.qmp_path)},server=on,wait=off",
             "-kernel", os.fspath(image.kernel),
             "-initrd", os.fspath(image.initrd),
             "-append", kernel_cmdline,

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from guest import MAX_UNIX_PATH_BYTES, ProcessHarness, die_with_parent, tail_text, terminate
+from guest import ProcessHarness, check_unix_path, die_with_parent, qemu_opt_value, tail_text, terminate
 
 
 class StorageDaemonError(Exception):
@@ -30,17 +30,17 @@ class StorageDaemon(ProcessHarness):
         writable: bool = True,
         binary: str = "qemu-storage-daemon",
     ) -> None:
+        check_unix_path(socket_path)
         self.socket_path = Path(socket_path)
-        if len(os.fsencode(self.socket_path)) > MAX_UNIX_PATH_BYTES:
-            raise ValueError(f"unix socket path longer than {MAX_UNIX_PATH_BYTES} bytes: {socket_path}")
         self.pid_path = self.socket_path.with_name(self.socket_path.name + ".pid")
         self.log_path = self.socket_path.with_name(self.socket_path.name + ".log")
         self.command_line = [
             binary,
-            "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off",
+            "--blockdev", f"driver=file,node-name=file0,filename={qemu_opt_value(image)},cache.direct=off",
             "--export",
             "type=vhost-user-blk,id=export0,node-name=file0,addr.type=unix,"
-            f"addr.path={self.socket_path},writable={'on' if writable else 'off'},num-queues={num_queues}",
+            f"addr.path={qemu_opt_value(self.socket_path)},writable={qemu_opt_value(writable)},"
+            f"num-queues={num_queues}",
             # QSD writes the pid file once the export listens: the sign that QEMU may connect.
             "--pidfile", str(self.pid_path),
         ]
