@@ -1,0 +1,102 @@
+"""Fixtures for e2e tests: the guest image, booting guests, short socket paths, QSD back-ends.
+
+A missing dependency (QEMU, busybox-static) skips the e2e tests on a developer machine but fails
+them in CI (env CI=true), where `make test` is expected to have installed everything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from guest import Guest, GuestImage
+from qsd import StorageDaemon
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GUEST_DIR = REPO_ROOT / "build" / "guest"
+BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-guest.sh"
+REQUIRED_TOOLS = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-storage-daemon": "qemu-system-x86",
+    "busybox": "busybox-static",
+    "cpio": "cpio",
+}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def missing_dependency(message: str) -> None:
+    """Skip locally, fail in CI: there a missing tool is a broken `make test`, not a choice."""
+    if in_ci():
+        pytest.fail(f"{message} (CI=true: e2e dependencies must be installed)", pytrace=False)
+    pytest.skip(f"{message}; run scripts/install-system-deps.sh (or `make test`)")
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    """The kernel and initramfs of the test guest, built into build/guest on first use."""
+    missing = [f"{tool} (package {pkg})" for tool, pkg in REQUIRED_TOOLS.items() if not shutil.which(tool)]
+    if missing:
+        missing_dependency("e2e tests need " + ", ".join(missing))
+    result = subprocess.run(
+        [str(BUILD_SCRIPT), str(GUEST_DIR)], stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"{BUILD_SCRIPT} failed ({result.returncode}):\n{result.stderr}{result.stdout}", pytrace=False
+        )
+    return GuestImage.from_dir(GUEST_DIR)
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short directory for unix sockets (tmp_path can exceed the 107-byte sun_path limit)."""
+    path = Path(tempfile.mkdtemp(prefix="vhd-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def boot_guest(guest_image: GuestImage, tmp_path: Path) -> Iterator[Callable[..., Guest]]:
+    """A factory: ``boot_guest(devices=[...], smp=2)`` boots a Guest (keyword arguments as Guest's);
+    every guest it booted is ended at teardown. The QEMU command line is printed, so a failing
+    test shows it with its captured output; console logs stay under tmp_path."""
+    guests: list[Guest] = []
+
+    def boot(**kwargs) -> Guest:
+        kwargs.setdefault("workdir", tmp_path / f"guest{len(guests)}")
+        guest = Guest(guest_image, **kwargs)
+        print(f"QEMU: {guest.command_line_str}")
+        guests.append(guest)
+        guest.start()
+        print(f"guest booted in {guest.boot_time_s:.1f} s; console log: {guest.console_log_path}")
+        return guest
+
+    yield boot
+    for guest in guests:
+        guest.close()
+
+
+@pytest.fixture
+def storage_daemon(socket_dir: Path) -> Iterator[Callable[..., StorageDaemon]]:
+    """A factory: ``storage_daemon(image_path, num_queues=1)`` starts qemu-storage-daemon exporting the
+    image as vhost-user-blk on a socket in ``socket_dir``; all are stopped and cleaned at teardown."""
+    daemons: list[StorageDaemon] = []
+
+    def start(image: str | os.PathLike[str], **kwargs) -> StorageDaemon:
+        daemon = StorageDaemon(image, socket_dir / f"qsd{len(daemons)}.sock", **kwargs)
+        daemons.append(daemon)
+        daemon.start()
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.close()
