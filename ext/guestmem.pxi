@@ -9,13 +9,18 @@ from libc.string cimport memset
 cdef extern from "<sys/mman.h>" nogil:
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
     int munmap(void *addr, size_t length)
+    int PROT_NONE
     int PROT_READ
     int PROT_WRITE
     int MAP_SHARED
     int MAP_PRIVATE
     int MAP_ANONYMOUS
     int MAP_NORESERVE
+    int MAP_FIXED
     void *MAP_FAILED
+
+cdef enum:
+    GUARD_BYTES = 2 * 1024 * 1024
 
 cdef extern from "<sys/stat.h>" nogil:
     struct stat:
@@ -143,12 +148,21 @@ cdef class GuestMemory:
         page = st.st_blksize if st.st_blksize > 4096 else 4096
         length = <size_t>(mmap_offset + size)
         length = (length + page - 1) // page * page
-        base = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        # The region sits between two inaccessible guard areas: an access that strays past its
+        # edges faults at once instead of touching whatever the process mapped next to it.
+        reserved = mmap(NULL, length + 2 * GUARD_BYTES, PROT_NONE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if reserved == MAP_FAILED:
+            raise OSError(errno, "cannot reserve address space for a memory region")
+        base = mmap(<uint8_t *>reserved + GUARD_BYTES, length, PROT_READ | PROT_WRITE,
+                    MAP_SHARED | MAP_FIXED, fd, 0)
         if base == MAP_FAILED:
-            raise OSError(errno, "mmap of memory region failed")
+            err = errno
+            munmap(reserved, length + 2 * GUARD_BYTES)
+            raise OSError(err, "mmap of memory region failed")
         i = self.mem.nregions
-        self.map_base[i] = base
-        self.map_len[i] = length
+        self.map_base[i] = reserved
+        self.map_len[i] = length + 2 * GUARD_BYTES
         r = &self.mem.regions[i]
         r.gpa = gpa
         r.size = size
