@@ -265,13 +265,16 @@ class VhostdTarget(_Process):
 
 
 def make_target(spec: str, *, cpus=None, size_bytes: int = 1 << 30, num_queues: int = 1,
-                workdir: str | None = None):
+                image: str | None = None, direct: bool = True, workdir: str | None = None):
     """A target from a short name: qsd-null, qsd-file, vhostd-null, vhostd-malloc, vhostd-file,
-    vhostd-scsi-null, vhostd-scsi-malloc, vhostd-scsi-file."""
+    vhostd-scsi-null, vhostd-scsi-malloc, vhostd-scsi-file.  image: the file of file targets
+    (default: a new sparse file of size_bytes); direct: QSD's cache.direct."""
     parts = spec.split("-")
     if parts[0] == "qsd" and len(parts) == 2:
-        return QsdTarget(parts[1], cpus=cpus, size_bytes=size_bytes, num_queues=num_queues, workdir=workdir)
+        return QsdTarget(parts[1], cpus=cpus, size_bytes=size_bytes, num_queues=num_queues,
+                         image=image, direct=direct, workdir=workdir)
     if parts[0] == "vhostd" and len(parts) in (2, 3):
         kind = parts[1] if len(parts) == 3 else "blk"
-        return VhostdTarget(parts[-1], kind=kind, cpus=cpus or (0,), size_bytes=size_bytes, workdir=workdir)
+        return VhostdTarget(parts[-1], kind=kind, cpus=cpus or (0,), size_bytes=size_bytes,
+                            image=image, workdir=workdir)
     raise ValueError("unknown target %r (qsd-null, qsd-file, vhostd-null, vhostd-scsi-malloc …)" % spec)
