@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from .. import _dataplane as dp
@@ -290,7 +291,17 @@ class Frontend:
         the same memory and rings: requests in flight are fetched again from used.idx."""
         was_started = self.started or any(vq.started for vq in self.vqs)
         self.disconnect()
-        self.connect(connect_timeout_s)
+        # A back-end that has not yet noticed the old connection closing may refuse the new one.
+        deadline = time.monotonic() + connect_timeout_s
+        while True:
+            try:
+                self.connect(max(0.0, deadline - time.monotonic()))
+                break
+            except BackendClosed:
+                self.disconnect()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
         if was_started:
             for vq in self.vqs:
                 if vq.started:
