@@ -35,13 +35,13 @@ def check_sane(result):
     assert result["client_cpu_pct"] > 0 and result["target_cpu_pct"] is not None
 
 
-def test_bench_reports_sane_numbers_for_qsd_null_co():
-    report = run_bench("--targets", "qsd-null", "--time", "1", "--ramp", "0.2", "--size", "64M",
-                       "--qd", "8")
+def test_bench_reports_sane_numbers_for_qsd_null_co_and_vhostd_side_by_side():
+    report = run_bench("--targets", "qsd-null,vhostd-inproc-null", "--time", "1", "--ramp", "0.2",
+                       "--size", "64M", "--qd", "8")
     assert report["failures"] == []
-    (result,) = report["results"]
-    assert result["target"] == "qsd-null"
-    check_sane(result)
+    assert [r["target"] for r in report["results"]] == ["qsd-null", "vhostd-inproc-null"]
+    for result in report["results"]:
+        check_sane(result)
 
 
 def test_bench_mixed_workload_in_interrupt_mode_on_two_queues():

@@ -11,14 +11,14 @@ from vhostd import _dataplane as dp
 from vhostd.initiator import blk
 from vhostd.initiator.blk import VirtioBlk
 from vhostd.vhost.features import ProtocolFeature
-from tests.helpers.inprocess_vhostd import InProcessVhostd
+from vhostd.initiator.targets import InProcessVhostdTarget
 
 BLOCKS = 1 << 15
 
 
 @pytest.fixture
 def vhostd():
-    with InProcessVhostd(dp.Disk.malloc(512, BLOCKS)) as backend:
+    with InProcessVhostdTarget(disk=dp.Disk.malloc(512, BLOCKS)) as backend:
         yield backend
 
 

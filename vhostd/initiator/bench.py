@@ -25,10 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 from .. import _dataplane as dp
 from .blk import VirtioBlk
-from .targets import TargetError, make_target
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
+from .targets import TargetError, make_target, proc_cpu_seconds
 
 @dataclass
 class Workload:
@@ -87,18 +84,8 @@ def percentile(histogram: dict[int, int], fraction: float) -> int:
     return max(histogram)
 
 
-def proc_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def self_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+def thread_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
     return usage.ru_utime + usage.ru_stime
 
 
@@ -137,8 +124,9 @@ class Device:
 
 
 def run_workload(socket_path: str, kind: str, workload: Workload, label: str,
-                 target_pid: int | None = None, progress=None) -> Result:
-    """Connect, run the workload on every queue, disconnect; returns the measured Result."""
+                 target_cpu=None, progress=None) -> Result:
+    """Connect, run the workload on every queue, disconnect; returns the measured Result.
+    target_cpu: a callable returning the target's CPU seconds so far (or None)."""
     device = Device(socket_path, kind, workload)
     try:
         span = workload.span_bytes or device.size_bytes
@@ -152,23 +140,26 @@ def run_workload(socket_path: str, kind: str, workload: Workload, label: str,
                                  interrupts=workload.interrupts, seed=0x9E3779B97F4A7C15 + i)
                 for i, group in enumerate(groups)]
         errors: list[BaseException] = []
+        client_cpu = [0.0] * nthreads
 
         def worker(index: int) -> None:
             if workload.client_cpus:
                 os.sched_setaffinity(0, {workload.client_cpus[index % len(workload.client_cpus)]})
+            start = thread_cpu_seconds()
             try:
                 gens[index].run()
             except BaseException as exc:     # reported by the main thread
                 errors.append(exc)
+            client_cpu[index] = thread_cpu_seconds() - start
 
         kicks_before = sum(q.stats()["kicks"] for q in device.queues)
-        cpu0, tcpu0, wall0 = self_cpu_seconds(), proc_cpu_seconds(target_pid) if target_pid else None, time.monotonic()
+        tcpu0, wall0 = target_cpu() if target_cpu else None, time.monotonic()
         threads = [threading.Thread(target=worker, args=(i,), name="bench-%d" % i) for i in range(nthreads)]
         for t in threads:
             t.start()
         _watch(threads, gens, workload, label, progress)
-        cpu1, wall1 = self_cpu_seconds(), time.monotonic()
-        tcpu1 = proc_cpu_seconds(target_pid) if target_pid else None
+        wall1 = time.monotonic()
+        tcpu1 = target_cpu() if target_cpu else None
         if errors:
             raise errors[0]
         results = [g.result() for g in gens]
@@ -177,7 +168,7 @@ def run_workload(socket_path: str, kind: str, workload: Workload, label: str,
         kicks = sum(q.stats()["kicks"] for q in device.queues) - kicks_before
     finally:
         device.close()
-    return _summarize(label, kind, workload, results, kicks, cpu1 - cpu0, wall1 - wall0,
+    return _summarize(label, kind, workload, results, kicks, sum(client_cpu), wall1 - wall0,
                       None if tcpu0 is None or tcpu1 is None else tcpu1 - tcpu0)
 
 
@@ -272,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", help="vhost-user socket of a running target")
     where.add_argument("--targets", help="comma-separated targets to start and measure in turn: "
-                       "qsd-null, qsd-file, vhostd-null, vhostd-malloc, vhostd-file, vhostd-scsi-malloc …")
+                       "qsd-null, qsd-file, vhostd-null, vhostd-malloc, vhostd-file, vhostd-scsi-malloc, "
+                       "vhostd-inproc-null, vhostd-inproc-malloc (vhostd's back-end in this process)")
     ap.add_argument("--type", choices=("blk", "scsi"), default="blk", help="device type of --socket")
     ap.add_argument("--target-pid", type=int, help="pid of the --socket target, for its CPU use")
     ap.add_argument("--name", help="label of the --socket target in the table")
@@ -318,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     failures: list[str] = []
     if args.socket:
+        target_cpu = (lambda: proc_cpu_seconds(args.target_pid)) if args.target_pid else None
         results.append(run_workload(args.socket, args.type, workload, args.name or args.socket,
-                                    args.target_pid, progress))
+                                    target_cpu, progress))
     else:
         for spec in args.targets.split(","):
             target = make_target(spec.strip(), cpus=parse_cpus(args.target_cpus),
@@ -328,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 with target:
                     results.append(run_workload(target.socket_path, target.kind, workload,
-                                                target.label, target.pid, progress))
+                                                target.label, target.cpu_seconds, progress))
             except (TargetError, OSError, TimeoutError) as exc:
                 failures.append("%s: %s" % (spec, exc))
                 print("vhostd-bench: %s failed: %s" % (spec, exc), file=sys.stderr)

@@ -24,6 +24,20 @@ class TargetError(Exception):
     """A target did not start or did not accept its configuration."""
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_seconds(pid: int, tid: int | None = None) -> float | None:
+    """utime + stime of a process (all its threads), or of one of its threads, from /proc."""
+    path = "/proc/%d/stat" % pid if tid is None else "/proc/%d/task/%d/stat" % (pid, tid)
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def _opt(value: object) -> str:
     """A QEMU option value: commas are doubled."""
     return str(value).replace(",", ",,")
@@ -33,20 +47,49 @@ def _cpu_list(cpus: set[int] | list[int] | None) -> str | None:
     return ",".join(str(c) for c in sorted(cpus)) if cpus else None
 
 
-class _Process:
-    """A child process with its log file; stopped with SIGTERM, then SIGKILL."""
+class _Target:
+    """A target's working directory (a temporary one unless given) and its lifetime."""
 
     label = "target"
 
     def __init__(self, workdir: str | None) -> None:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="vhd-target-", dir="/tmp")
         self.workdir = Path(workdir or self._tmp.name)
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Process(_Target):
+    """A child process with its log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, workdir: str | None) -> None:
+        super().__init__(workdir)
         self.log_path = self.workdir / ("%s.log" % self.label.replace(" ", "-").replace("/", "-"))
         self.proc: subprocess.Popen | None = None
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the target has used so far."""
+        return proc_cpu_seconds(self.pid) if self.pid is not None else None
 
     def _spawn(self, command: list[str]) -> None:
         self.command = command
@@ -87,19 +130,6 @@ class _Process:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class QsdTarget(_Process):
@@ -264,15 +294,97 @@ class VhostdTarget(_Process):
                                            "block_size": self.block_size})
 
 
+class InProcessVhostdTarget(_Target):
+    """vhostd's blk back-end (reactors + one BlkController on a null or malloc disk, or the given
+    Disk) running in this process: an asyncio loop in a thread, reactors pinned to ``cpus``.  Measures vhostd's
+    data plane before the vhostd command exists, and serves tests; its CPU use is that of its
+    reactor threads."""
+
+    kind = "blk"
+
+    def __init__(self, bdev: str = "null", *, disk=None, cpus=(0,), size_bytes: int = 1 << 30,
+                 block_size: int = 512, workdir: str | None = None) -> None:
+        from .. import _dataplane as dp
+        if bdev not in ("null", "malloc"):
+            raise ValueError("in-process vhostd serves a null or malloc disk")
+        self.label = "vhostd-inproc-%s" % bdev
+        blocks = size_bytes // block_size
+        if disk is None:
+            disk = dp.Disk.null(block_size, blocks) if bdev == "null" else dp.Disk.malloc(block_size, blocks)
+        self.disk = disk
+        self.cpus = sorted(cpus or (0,))
+        super().__init__(workdir)
+        self.ctrlr = "vhd.0"
+        self.socket_path = os.path.join(self.workdir, self.ctrlr)
+        self.pid = None
+        self.loop = None
+
+    def start(self) -> InProcessVhostdTarget:
+        import asyncio
+        import threading
+        from dataclasses import dataclass
+        from ..dataplane import ReactorSet
+        from ..vhost.blk import BlkController
+
+        @dataclass
+        class Bdev:
+            name: str
+            disk: object
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="vhostd-inproc", daemon=True)
+        self.thread.start()
+        self.reactors = ReactorSet(self.cpus)
+
+        async def setup():
+            self.reactors.start(self.loop)
+            self.controller = BlkController(self.ctrlr, str(self.workdir), self.reactors, self.cpus,
+                                            Bdev(self.ctrlr + "-disk", self.disk))
+            await self.controller.start()
+
+        self._run(setup())
+        return self
+
+    def _run(self, coro, timeout_s: float = 30.0):
+        import asyncio
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def cpu_seconds(self) -> float | None:
+        total = 0.0
+        for reactor in self.reactors.reactors:
+            value = proc_cpu_seconds(os.getpid(), reactor.tid) if reactor.tid else None
+            if value is None:
+                return None
+            total += value
+        return total
+
+    def stop(self) -> None:
+        if self.loop is None:
+            return
+
+        async def teardown():
+            await self.controller.stop()
+            await self.reactors.stop()
+
+        self._run(teardown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+        self.loop = None
+
+
 def make_target(spec: str, *, cpus=None, size_bytes: int = 1 << 30, num_queues: int = 1,
                 image: str | None = None, direct: bool = True, workdir: str | None = None):
     """A target from a short name: qsd-null, qsd-file, vhostd-null, vhostd-malloc, vhostd-file,
-    vhostd-scsi-null, vhostd-scsi-malloc, vhostd-scsi-file.  image: the file of file targets
+    vhostd-scsi-null, vhostd-scsi-malloc, vhostd-scsi-file, vhostd-inproc-null,
+    vhostd-inproc-malloc.  image: the file of file targets
     (default: a new sparse file of size_bytes); direct: QSD's cache.direct."""
     parts = spec.split("-")
     if parts[0] == "qsd" and len(parts) == 2:
         return QsdTarget(parts[1], cpus=cpus, size_bytes=size_bytes, num_queues=num_queues,
                          image=image, direct=direct, workdir=workdir)
+    if parts[:2] == ["vhostd", "inproc"] and len(parts) == 3:
+        return InProcessVhostdTarget(parts[2], cpus=cpus or (0,), size_bytes=size_bytes, workdir=workdir)
     if parts[0] == "vhostd" and len(parts) in (2, 3):
         kind = parts[1] if len(parts) == 3 else "blk"
         return VhostdTarget(parts[-1], kind=kind, cpus=cpus or (0,), size_bytes=size_bytes,
