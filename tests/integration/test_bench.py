@@ -63,3 +63,17 @@ def test_percentile_walks_the_histogram():
     assert bench.percentile(hist, 0.5) == 1
     assert bench.percentile(hist, 0.99) == 10
     assert bench.percentile(hist, 0.999) == 100
+
+
+def test_sizes_and_cpu_lists_parse_like_fio_and_taskset():
+    assert bench.parse_size("4k") == 4096 and bench.parse_size("1G") == 1 << 30
+    assert bench.parse_size("64KiB") == 65536 and bench.parse_size("512") == 512
+    assert bench.parse_cpus("1") == [1] and bench.parse_cpus("0,2-3") == [0, 2, 3]
+    assert bench.parse_cpus(None) == []
+
+
+def test_unreachable_socket_is_reported_as_a_failure(tmp_path, capsys):
+    assert bench.main(["--socket", str(tmp_path / "nobody"), "--time", "0.1", "--timeout", "0.2",
+                       "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["results"] == [] and "nobody" in report["failures"][0]

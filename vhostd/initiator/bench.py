@@ -24,8 +24,14 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .. import _dataplane as dp
+from ..vhost.protocol import ProtocolError
 from .blk import VirtioBlk
+from .channel import RequestFailed
+from .frontend import FrontendError
 from .targets import TargetError, make_target, proc_cpu_seconds
+
+# What a target can do wrong; the run of that target is reported failed, the others go on.
+TARGET_FAILURES = (TargetError, FrontendError, ProtocolError, RequestFailed, OSError, TimeoutError)
 
 @dataclass
 class Workload:
@@ -45,6 +51,7 @@ class Workload:
     event_idx: bool = True
     indirect: bool = True
     indirect_mode: str = "auto"
+    timeout_s: float = 5.0           # connecting, and each control-path reply
 
     @property
     def read_pct(self) -> int:
@@ -96,7 +103,7 @@ class Device:
         self.kind = kind
         options = dict(num_queues=workload.queues, queue_size=workload.queue_size,
                        memory_regions=workload.memory_regions, event_idx=workload.event_idx,
-                       indirect=workload.indirect,
+                       indirect=workload.indirect, timeout_s=workload.timeout_s,
                        memory_bytes=self._memory_bytes(workload))
         if kind == "blk":
             self.dev = VirtioBlk(socket_path, **options).open()
@@ -116,7 +123,7 @@ class Device:
     @staticmethod
     def _memory_bytes(w: Workload) -> int:
         slots = w.queue_size * 4096 * (w.queues + 2)
-        data = w.queues * w.qd * max(w.block_bytes, 4096)
+        data = w.queues * w.qd * ((w.block_bytes + 4095) // 4096 * 4096)
         return slots + data + (16 << 20)
 
     def close(self) -> None:
@@ -291,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-indirect", action="store_true")
     ap.add_argument("--indirect", choices=("never", "auto", "always"), default="auto",
                     help="when chains go through an indirect table (if negotiated)")
+    ap.add_argument("--timeout", type=float, default=5.0,
+                    help="seconds to wait for a target's socket and for each control reply")
     ap.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     return ap
@@ -304,15 +313,19 @@ def main(argv: list[str] | None = None) -> int:
                         client_cpus=parse_cpus(args.client_cpus), threads=args.threads,
                         span_bytes=args.span, memory_regions=args.memory_regions,
                         event_idx=not args.no_event_idx, indirect=not args.no_indirect,
-                        indirect_mode=args.indirect)
+                        indirect_mode=args.indirect, timeout_s=args.timeout)
     progress = None if args.quiet or args.json or not sys.stderr.isatty() else \
         (lambda text: (sys.stderr.write(text), sys.stderr.flush()))
     results: list[Result] = []
     failures: list[str] = []
     if args.socket:
         target_cpu = (lambda: proc_cpu_seconds(args.target_pid)) if args.target_pid else None
-        results.append(run_workload(args.socket, args.type, workload, args.name or args.socket,
-                                    target_cpu, progress))
+        try:
+            results.append(run_workload(args.socket, args.type, workload, args.name or args.socket,
+                                        target_cpu, progress))
+        except TARGET_FAILURES as exc:
+            failures.append("%s: %s" % (args.socket, exc))
+            print("vhostd-bench: %s failed: %s" % (args.socket, exc), file=sys.stderr)
     else:
         for spec in args.targets.split(","):
             target = make_target(spec.strip(), cpus=parse_cpus(args.target_cpus),
@@ -322,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 with target:
                     results.append(run_workload(target.socket_path, target.kind, workload,
                                                 target.label, target.cpu_seconds, progress))
-            except (TargetError, OSError, TimeoutError) as exc:
+            except TARGET_FAILURES as exc:
                 failures.append("%s: %s" % (spec, exc))
                 print("vhostd-bench: %s failed: %s" % (spec, exc), file=sys.stderr)
     if args.json:
