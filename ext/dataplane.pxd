@@ -402,6 +402,7 @@ cdef struct vdrv_queue_t:
     uint16_t kicked_idx      # avail.idx at the last kick decision (EVENT_IDX "old")
     uint16_t last_used_idx   # next used entry we read
     uint16_t used_event      # what we last wrote to used_event (EVENT_IDX)
+    uint16_t avail_flags     # what we last wrote to avail.flags (without EVENT_IDX)
     uint16_t *head_slot      # per descriptor: the slot whose chain starts there, or VDRV_NO_SLOT
     vdrv_slot_t *slots
     uint16_t nslots

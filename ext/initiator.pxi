@@ -138,6 +138,7 @@ cdef void vdrv_reset(vdrv_queue_t *q, uint16_t avail_idx, uint16_t used_idx) noe
     q.last_used_idx = used_idx
     q.used_event = used_idx
     vhd_store_u16(&q.avail[1], avail_idx)
+    q.avail_flags = 0xFFFF                 # unknown: the next vdrv_set_interrupts stores
     vdrv_set_interrupts(q, q.interrupts)
 
 
@@ -259,6 +260,7 @@ cdef bint vdrv_flush(vdrv_queue_t *q) noexcept nogil:
 cdef void vdrv_set_interrupts(vdrv_queue_t *q, bint wanted) noexcept nogil:
     """Ask for interrupts (before sleeping on call_fd) or tell the device not to send them
     (polling).  With EVENT_IDX a poller keeps used_event half a ring of indexes ahead."""
+    cdef uint16_t flags
     if q.event_idx:
         if wanted:
             q.used_event = q.last_used_idx
@@ -268,7 +270,11 @@ cdef void vdrv_set_interrupts(vdrv_queue_t *q, bint wanted) noexcept nogil:
             return
         vhd_store_u16(_drv_used_event(q), q.used_event)
     else:
-        vhd_store_u16(&q.avail[0], 0 if wanted else VRING_AVAIL_F_NO_INTERRUPT)
+        # Store only on a change: every store takes the avail ring's cache line from the device.
+        flags = 0 if wanted else VRING_AVAIL_F_NO_INTERRUPT
+        if flags != q.avail_flags:
+            q.avail_flags = flags
+            vhd_store_u16(&q.avail[0], flags)
 
 
 cdef inline bint vdrv_has_used(vdrv_queue_t *q) noexcept nogil:
@@ -1216,7 +1222,8 @@ cdef class DriverQueue:
         vhd_store_u16(&q.avail[1], value)
 
     def set_avail_flags(self, uint16_t flags):
-        vhd_store_u16(&self.c().avail[0], flags)
+        self.c().avail_flags = flags
+        vhd_store_u16(&self.q.avail[0], flags)
 
     def set_used_event(self, uint16_t value):
         vhd_store_u16(_drv_used_event(self.c()), value)
