@@ -4,9 +4,12 @@ checked on the host."""
 
 import os
 import shutil
+import threading
+import time
 
 import pytest
 
+from vhostd import _dataplane as dp
 from vhostd.initiator import blk
 from vhostd.initiator.blk import VirtioBlk
 from vhostd.initiator.frontend import PROTOCOL_FEATURES
@@ -146,6 +149,27 @@ def test_rings_resume_after_reconnecting_to_a_restarted_daemon(qsd_file):
         assert disk.read(8, 4096, queue=1) == b"\x43" * 4096
         assert [q.avail_idx for q in disk.frontend.queues] == [n + 1 for n in before]
         assert disk.frontend.stop() == [n + 1 for n in before]
+
+
+def test_requests_in_flight_when_the_daemon_dies_complete_after_reconnect(qsd_null):
+    # Without INFLIGHT_SHMFD (QSD offers none) the ring resumes at used.idx and the new daemon
+    # fetches what was in flight again, as QEMU 7.2 does; null-co completes in order.
+    with open_disk(qsd_null) as disk:
+        q = disk.frontend.queues[0]
+        gen = dp.LoadGenerator([q], 16, 4096, 50, 1000, 1.5, drain_s=10)
+        runner = threading.Thread(target=gen.run)
+        runner.start()
+        time.sleep(0.3)
+        qsd_null.kill()
+        in_flight = q.inflight
+        qsd_null.start()
+        disk.frontend.reconnect()
+        runner.join(30)
+        result = gen.result()
+        gen.close()
+        assert in_flight == 16
+        assert result["errors"] == 0 and result["lost"] == 0 and not q.broken
+        assert disk.frontend.stop() == [q.avail_idx]
 
 
 def test_file_export_holds_the_data_on_the_host_after_flush(qsd_file):

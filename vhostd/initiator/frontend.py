@@ -184,8 +184,8 @@ class Frontend:
 
     # -- §2.3 start ------------------------------------------------------------------------
     def start(self) -> None:
-        """Features, inflight buffer, memory table, then each ring (NUM, BASE, ADDR, KICK) and
-        SET_VRING_ENABLE(1) for all.  A ring resumes at the base GET_VRING_BASE returned, or,
+        """Features, inflight buffer, memory table, then each ring (NUM, BASE, ADDR, KICK),
+        SET_VRING_ENABLE(1) for all, and a kick on each.  A ring resumes at the base GET_VRING_BASE returned, or,
         after the back-end died, at used.idx (QEMU's choice; requests in flight are fetched
         again, or recovered from the inflight buffer)."""
         features = self.features | (F_PROTOCOL if self.offered_features & F_PROTOCOL else 0)
@@ -208,6 +208,10 @@ class Frontend:
         if features & F_PROTOCOL:
             for vq in self.vqs:
                 self._request(Request.SET_VRING_ENABLE, p.VringState(vq.queue.index, 1).encode())
+        # QEMU kicks every queue when its ioeventfds start: requests already on the ring (a
+        # resumed ring) are fetched even though avail_event is the old back-end's.
+        for vq in self.vqs:
+            vq.queue.kick()
         self.started = True
 
     def _setup_inflight(self) -> None:
