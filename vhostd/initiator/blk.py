@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .. import _dataplane as dp
 from ..vhost.features import BlkFeature, ProtocolFeature, mask
-from .frontend import Frontend
+from .frontend import Frontend, Writable
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_GET_LIFETIME = 0, 1, 4, 8, 10
 T_DISCARD, T_WRITE_ZEROES, T_SECURE_ERASE = 11, 13, 14
@@ -123,41 +123,11 @@ class VirtioBlk:
                 timeout_s: float = 5.0) -> BlkResult:
         """Post one request — header, data_out, data_in buffer, status — and wait for it.
         segment_bytes > 0 splits the data into descriptors of that size."""
-        mem = self.memory
-        allocations = []
-
-        def buffer(length: int, align: int = 64) -> int:
-            gpa = mem.alloc(length, align)
-            allocations.append(gpa)
-            return gpa
-
-        try:
-            header = buffer(16)
-            mem.write(header, struct.pack("<IIQ", type_, 0, sector))
-            segments = [(header, 16, False)]
-            if data_out:
-                gpa = buffer(len(data_out), 4096)
-                mem.write(gpa, data_out)
-                segments += _split(gpa, len(data_out), segment_bytes, False)
-            data_in = None
-            if data_in_len:
-                data_in = buffer(data_in_len, 4096)
-                mem.fill(data_in, data_in_len, 0xA5)
-                segments += _split(data_in, data_in_len, segment_bytes, True)
-            status = buffer(1)
-            mem.write(status, b"\xff")
-            segments.append((status, 1, True))
-            q = self.frontend.queues[queue]
-            head = q.add_chain(segments, indirect)
-            q.flush()
-            used = q.wait(timeout_s)
-            if len(used) != 1 or used[0][0] != head:
-                raise RuntimeError("queue %d completed %r, expected head %d only" % (queue, used, head))
-            return BlkResult(mem.read(status, 1)[0], used[0][1],
-                             mem.read(data_in, data_in_len) if data_in is not None else b"")
-        finally:
-            for gpa in allocations:
-                mem.free(gpa)
+        used_len, (data_in, status) = self.frontend.transact(
+            queue, [struct.pack("<IIQ", type_, 0, sector), data_out, Writable(data_in_len, 0xA5),
+                    Writable(1, 0xFF)], segment_bytes=segment_bytes, indirect=indirect,
+            timeout_s=timeout_s)
+        return BlkResult(status[0], used_len, data_in)
 
     def _ok(self, what: str, result: BlkResult) -> BlkResult:
         if result.status != S_OK:
@@ -198,8 +168,3 @@ class VirtioBlk:
 
 def _segments(ranges: list[tuple[int, int]], flags: int) -> bytes:
     return b"".join(SEGMENT.pack(sector, count, flags) for sector, count in ranges)
-
-
-def _split(gpa: int, length: int, segment_bytes: int, writable: bool) -> list[tuple[int, int, bool]]:
-    step = segment_bytes if segment_bytes > 0 else length
-    return [(gpa + off, min(step, length - off), writable) for off in range(0, length, step)]

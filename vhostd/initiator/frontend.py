@@ -36,6 +36,15 @@ class FrontendError(Exception):
     """The back-end cannot serve this front-end as configured (features, queue count …)."""
 
 
+@dataclass(frozen=True)
+class Writable:
+    """A device-writable buffer of a request: length bytes, pre-filled with fill (so bytes the
+    device did not write stand out)."""
+
+    length: int
+    fill: int = 0
+
+
 @dataclass
 class Vq:
     """One virtqueue as the front-end keeps it across stops and reconnects."""
@@ -275,6 +284,42 @@ class Frontend:
         """RESET_DEVICE (scsi's virtio reset, when negotiated)."""
         if self.has_protocol(ProtocolFeature.RESET_DEVICE):
             self._request(Request.RESET_DEVICE)
+
+    def transact(self, index: int, parts: list[bytes | Writable], *, segment_bytes: int = 0,
+                 indirect: bool | None = None, timeout_s: float = 5.0) -> tuple[int, list[bytes]]:
+        """Post one request on queue index — parts in order, bytes device-readable, Writable
+        device-writable, each in its own buffer of driver memory (split into descriptors of
+        segment_bytes when > 0; empty parts left out) — and wait for it.  Returns (used_len,
+        the bytes of each Writable part)."""
+        mem = self.memory
+        allocations, segments, received = [], [], []
+        try:
+            for part in parts:
+                writable = isinstance(part, Writable)
+                length = part.length if writable else len(part)
+                if length == 0:
+                    if writable:
+                        received.append((0, 0))
+                    continue
+                gpa = mem.alloc(length, 4096 if length >= 512 else 64)
+                allocations.append(gpa)
+                if writable:
+                    mem.fill(gpa, length, part.fill)
+                    received.append((gpa, length))
+                else:
+                    mem.write(gpa, part)
+                step = segment_bytes if segment_bytes > 0 and length >= 512 else length
+                segments += [(gpa + off, min(step, length - off), writable) for off in range(0, length, step)]
+            q = self.vqs[index].queue
+            head = q.add_chain(segments, indirect)
+            q.flush()
+            used = q.wait(timeout_s)
+            if len(used) != 1 or used[0][0] != head:
+                raise BadReply("queue %d completed %r, expected head %d only" % (index, used, head))
+            return used[0][1], [mem.read(gpa, length) if length else b"" for gpa, length in received]
+        finally:
+            for gpa in allocations:
+                mem.free(gpa)
 
     def error_signalled(self, index: int) -> bool:
         """True if the back-end signalled queue index's error eventfd since the last call."""

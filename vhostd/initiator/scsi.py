@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .. import _dataplane as dp
 from ..vhost.features import ScsiFeature, mask
-from .frontend import Frontend
+from .frontend import Frontend, Writable
 
 CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE = 0, 1, 2
 CDB_SIZE, SENSE_SIZE = 32, 96
@@ -137,35 +137,6 @@ class VirtioScsi:
     def request_queues(self) -> list[dp.DriverQueue]:
         return self.frontend.queues[FIRST_REQUEST_QUEUE:]
 
-    def _exchange(self, queue: int, parts: list[tuple[bytes | int, bool]], timeout_s: float):
-        """Post one chain of parts — bytes to send (readable) or a length to receive (writable)
-        — wait for it, return (used_len, [received bytes per writable part])."""
-        mem = self.memory
-        allocations, segments, received = [], [], []
-        try:
-            for part, writable in parts:
-                length = part if writable else len(part)
-                if length == 0:
-                    continue
-                gpa = mem.alloc(length, 64)
-                allocations.append(gpa)
-                if writable:
-                    mem.fill(gpa, length, 0)
-                    received.append((gpa, length))
-                else:
-                    mem.write(gpa, part)
-                segments.append((gpa, length, writable))
-            q = self.frontend.queues[queue]
-            head = q.add_chain(segments)
-            q.flush()
-            used = q.wait(timeout_s)
-            if len(used) != 1 or used[0][0] != head:
-                raise RuntimeError("queue %d completed %r, expected head %d only" % (queue, used, head))
-            return used[0][1], [mem.read(gpa, length) for gpa, length in received]
-        finally:
-            for gpa in allocations:
-                mem.free(gpa)
-
     # -- commands --------------------------------------------------------------------------
     def command(self, target: int, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0, *,
                 lun: int = 0, lun_raw: bytes | None = None, tag: int | None = None,
@@ -175,10 +146,10 @@ class VirtioScsi:
             self._tag += 1
             tag = self._tag
         req = encode_command(lun_raw if lun_raw is not None else lun_bytes(target, lun), tag, cdb, task_attr)
-        used_len, got = self._exchange(FIRST_REQUEST_QUEUE + queue,
-                                       [(req, False), (data_out, False), (CMD_RESP.size, True),
-                                        (data_in_len, True)], timeout_s)
-        return ScsiResult.parse(got[0], got[1] if data_in_len else b"", used_len)
+        used_len, (resp, data_in) = self.frontend.transact(
+            FIRST_REQUEST_QUEUE + queue, [req, data_out, Writable(CMD_RESP.size), Writable(data_in_len)],
+            timeout_s=timeout_s)
+        return ScsiResult.parse(resp, data_in, used_len)
 
     def checked(self, what: str, result: ScsiResult) -> ScsiResult:
         if not result.ok:
@@ -220,15 +191,15 @@ class VirtioScsi:
     def tmf(self, subtype: int, target: int, lun: int = 0, tag: int = 0, timeout_s: float = 5.0) -> int:
         """A task-management function; returns the response byte."""
         req = TMF_REQ.pack(T_TMF, subtype, lun_bytes(target, lun), tag)
-        _, got = self._exchange(CONTROL_QUEUE, [(req, False), (1, True)], timeout_s)
-        return got[0][0]
+        _, (resp,) = self.frontend.transact(CONTROL_QUEUE, [req, Writable(1)], timeout_s=timeout_s)
+        return resp[0]
 
     def async_notification(self, target: int, events: int, subscribe: bool = False, lun: int = 0,
                            timeout_s: float = 5.0) -> tuple[int, int]:
         """AN query (or subscribe): (response, event_actual)."""
         req = AN_REQ.pack(T_AN_SUBSCRIBE if subscribe else T_AN_QUERY, lun_bytes(target, lun), events)
-        _, got = self._exchange(CONTROL_QUEUE, [(req, False), (AN_RESP.size, True)], timeout_s)
-        event_actual, response = AN_RESP.unpack(got[0])
+        _, (resp,) = self.frontend.transact(CONTROL_QUEUE, [req, Writable(AN_RESP.size)], timeout_s=timeout_s)
+        event_actual, response = AN_RESP.unpack(resp)
         return response, event_actual
 
     # -- event queue -----------------------------------------------------------------------

@@ -8,6 +8,8 @@ CPU use), ``kind`` ("blk" or "scsi") and ``label``.  ``cpus`` pins the target (t
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -16,8 +18,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from .. import _dataplane as dp
+from ..dataplane import ReactorSet
+from ..vhost.blk import BlkController
 
 
 class TargetError(Exception):
@@ -225,12 +233,8 @@ def vhostd_command() -> list[str] | None:
     exe = shutil.which("vhostd")
     if exe:
         return [exe]
-    try:
-        import importlib.util
-        if importlib.util.find_spec("vhostd.cli") is not None:
-            return [sys.executable, "-m", "vhostd.cli"]
-    except ImportError:
-        pass
+    if importlib.util.find_spec("vhostd.cli") is not None:
+        return [sys.executable, "-m", "vhostd.cli"]
     return None
 
 
@@ -294,6 +298,14 @@ class VhostdTarget(_Process):
                                            "block_size": self.block_size})
 
 
+@dataclass
+class _Bdev:
+    """What a BlkController needs of a bdev."""
+
+    name: str
+    disk: dp.Disk
+
+
 class InProcessVhostdTarget(_Target):
     """vhostd's blk back-end (reactors + one BlkController on a null or malloc disk, or the given
     Disk) running in this process: an asyncio loop in a thread, reactors pinned to ``cpus``.  Measures vhostd's
@@ -304,7 +316,6 @@ class InProcessVhostdTarget(_Target):
 
     def __init__(self, bdev: str = "null", *, disk=None, cpus=(0,), size_bytes: int = 1 << 30,
                  block_size: int = 512, workdir: str | None = None) -> None:
-        from .. import _dataplane as dp
         if bdev not in ("null", "malloc"):
             raise ValueError("in-process vhostd serves a null or malloc disk")
         self.label = "vhostd-inproc-%s" % bdev
@@ -320,17 +331,6 @@ class InProcessVhostdTarget(_Target):
         self.loop = None
 
     def start(self) -> InProcessVhostdTarget:
-        import asyncio
-        import threading
-        from dataclasses import dataclass
-        from ..dataplane import ReactorSet
-        from ..vhost.blk import BlkController
-
-        @dataclass
-        class Bdev:
-            name: str
-            disk: object
-
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="vhostd-inproc", daemon=True)
         self.thread.start()
@@ -339,14 +339,13 @@ class InProcessVhostdTarget(_Target):
         async def setup():
             self.reactors.start(self.loop)
             self.controller = BlkController(self.ctrlr, str(self.workdir), self.reactors, self.cpus,
-                                            Bdev(self.ctrlr + "-disk", self.disk))
+                                            _Bdev(self.ctrlr + "-disk", self.disk))
             await self.controller.start()
 
         self._run(setup())
         return self
 
     def _run(self, coro, timeout_s: float = 30.0):
-        import asyncio
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     def cpu_seconds(self) -> float | None:
