@@ -3,7 +3,6 @@
 import array
 import os
 import socket
-import struct
 import threading
 
 import pytest
