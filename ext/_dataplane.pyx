@@ -7,6 +7,7 @@ reactor loop.  The Python classes are the control plane's handles on that C stat
 """
 
 import os
+import time
 
 from dataplane cimport *
 
@@ -17,5 +18,6 @@ include "iov.pxi"
 include "vring.pxi"
 include "blk.pxi"
 include "reactor.pxi"
+include "initiator.pxi"
 
 tick_rate()

@@ -332,3 +332,140 @@ cdef struct reactor_t:
     io_ctx_t io
     uint64_t idle_sleep_ticks   # idle spell after which the reactor sleeps
     reactor_stats_t stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Front-end (driver) side of split virtqueues: vhostd acting as QEMU.  Used by the initiator
+# (vhostd/initiator), its load generator (the benchmark) and, through vdrv_submit_*/vdrv_poll,
+# by a bdev that consumes another vhost-user target.  Code in initiator.pxi.
+# ---------------------------------------------------------------------------------------------
+cdef enum:
+    VDRV_MAX_DATA_SEGS = 128     # data buffers of one request
+    VDRV_MAX_CHAIN = 130         # descriptors of one request: data + header + status
+    VDRV_MAX_RANGES = 16         # discard / write-zeroes ranges of one request
+    VDRV_HIST_SUB_BITS = 4       # latency histogram: 16 linear sub-buckets per power of two
+    VDRV_HIST_BUCKETS = 1024
+    VDRV_NO_SLOT = 0xFFFF
+
+cdef enum vdrv_indirect_mode_t:
+    VDRV_INDIRECT_NEVER = 0
+    VDRV_INDIRECT_AUTO = 1       # only when the ring is short of descriptors
+    VDRV_INDIRECT_ALWAYS = 2     # every chain of more than one buffer
+
+cdef enum vdrv_device_t:
+    VDRV_DEV_RAW = 0             # requests are chains built by the caller
+    VDRV_DEV_BLK = 1
+    VDRV_DEV_SCSI = 2
+
+cdef struct vdrv_seg_t:
+    uint64_t gpa
+    uint32_t len
+    uint32_t writable
+
+cdef struct vdrv_slot_t:
+    # One request the driver has put on a ring, and its private area in driver memory (indirect
+    # table, request header, response, discard ranges, bounce buffer).
+    bdev_io_t *io            # the I/O served; NULL for a chain posted by the caller (Python)
+    uint8_t *area
+    uint64_t area_gpa
+    uint64_t submit_tick
+    uint32_t used_len
+    uint16_t head            # first descriptor on the ring
+    uint16_t tail            # last descriptor on the ring (the chain is linked through desc_next)
+    uint16_t ndesc           # ring descriptors taken
+    uint16_t next_free       # slot free list
+    uint8_t busy
+    uint8_t done             # completed (caller-posted chains, until collected)
+    uint8_t bounced          # data went through the bounce buffer
+
+cdef struct vdrv_queue_stats_t:
+    uint64_t submitted
+    uint64_t completed
+    uint64_t publishes       # avail.idx stores
+    uint64_t kicks           # kick eventfd writes
+    uint64_t kicks_suppressed
+    uint64_t waits           # sleeps on the call eventfd
+    uint64_t bounced
+
+cdef struct vdrv_queue_t:
+    guest_mem_t *mem         # driver memory: hva is ours, gpa what descriptors carry
+    vring_desc_t *desc
+    uint16_t *avail          # flags, idx, ring[size], used_event
+    uint8_t *used            # flags, idx, ring[size] {id, len}, avail_event
+    uint16_t size
+    uint16_t index
+    uint16_t *desc_next      # private free-list links (never read back from shared memory)
+    uint16_t free_head
+    uint16_t num_free
+    uint16_t avail_idx       # next avail entry we write (published or not)
+    uint16_t published_idx   # avail.idx the device sees
+    uint16_t kicked_idx      # avail.idx at the last kick decision (EVENT_IDX "old")
+    uint16_t last_used_idx   # next used entry we read
+    uint16_t used_event      # what we last wrote to used_event (EVENT_IDX)
+    uint16_t avail_flags     # what we last wrote to avail.flags (without EVENT_IDX)
+    uint16_t *head_slot      # per descriptor: the slot whose chain starts there, or VDRV_NO_SLOT
+    vdrv_slot_t *slots
+    uint16_t nslots
+    uint16_t free_slot
+    uint16_t *done_slots     # caller-posted chains completed, in completion order
+    uint16_t ndone
+    uint32_t inflight        # requests on the ring, not yet completed
+    uint32_t slot_bytes      # stride of the slot areas
+    uint32_t bounce_bytes    # bounce buffer per slot (0: buffers must lie in driver memory)
+    uint32_t device          # vdrv_device_t
+    uint32_t block_size      # scsi: logical block size (LBA units)
+    uint8_t lun[8]           # scsi: LUN the I/Os address
+    uint64_t scsi_tag
+    uint32_t event_idx
+    uint32_t indirect        # VIRTIO_RING_F_INDIRECT_DESC negotiated
+    uint32_t indirect_mode   # vdrv_indirect_mode_t
+    uint32_t interrupts      # completions awaited on call_fd (else polled)
+    uint32_t broken          # the device returned an impossible used entry
+    int kick_fd
+    int call_fd
+    vdrv_queue_stats_t stats
+
+cdef struct vdrv_load_t
+cdef struct vdrv_load_io_t:
+    bdev_io_t io             # first member: the completion callback gets &io
+    iovec iov
+    vdrv_load_t *load
+    vdrv_queue_t *q
+    vdrv_load_io_t *next_pending
+
+cdef struct vdrv_load_result_t:
+    uint64_t ops
+    uint64_t read_ops
+    uint64_t write_ops
+    uint64_t bytes_read
+    uint64_t bytes_written
+    uint64_t errors
+    uint64_t lat_sum_ticks
+    uint64_t lat_min_ticks
+    uint64_t lat_max_ticks
+    uint64_t start_tick      # measurement window
+    uint64_t end_tick
+    uint64_t passes          # loop iterations
+    uint64_t empty_passes    # iterations that completed nothing
+    uint64_t lost            # requests still in flight when draining timed out
+    uint64_t hist[VDRV_HIST_BUCKETS]
+
+cdef struct vdrv_load_t:
+    vdrv_queue_t **queues
+    uint32_t nqueues
+    uint32_t qd              # requests kept in flight per queue
+    uint32_t block_bytes
+    uint32_t read_pct        # 100 = all reads, 0 = all writes
+    uint64_t span_blocks     # offsets are random multiples of block_bytes below span_blocks
+    uint64_t offset_base
+    uint64_t duration_ticks
+    uint64_t ramp_ticks      # completions before start+ramp are not counted
+    uint64_t drain_ticks     # how long to wait for in-flight requests at the end
+    uint64_t rng
+    uint32_t interrupts      # wait on call eventfds when idle (else busy-poll)
+    uint32_t stop            # set by another thread: end now
+    uint32_t measuring
+    uint32_t stopping
+    vdrv_load_io_t *ios      # nqueues * qd
+    vdrv_load_io_t *pending  # could not be submitted (ring full), retried after the next poll
+    vdrv_load_result_t res

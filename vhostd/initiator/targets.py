@@ -1,0 +1,391 @@
+"""vhost-user targets the benchmark and the tests start themselves: qemu-storage-daemon exports
+(null-co, file) and vhostd (any bdev, blk or scsi controller created through its JSON-RPC).
+
+Each target is a context manager with ``start()``, ``stop()``, ``socket_path``, ``pid`` (for its
+CPU use), ``kind`` ("blk" or "scsi") and ``label``.  ``cpus`` pins the target (taskset for QSD,
+``-m`` for vhostd).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import _dataplane as dp
+from ..dataplane import ReactorSet
+from ..vhost.blk import BlkController
+
+
+class TargetError(Exception):
+    """A target did not start or did not accept its configuration."""
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_seconds(pid: int, tid: int | None = None) -> float | None:
+    """utime + stime of a process (all its threads), or of one of its threads, from /proc."""
+    path = "/proc/%d/stat" % pid if tid is None else "/proc/%d/task/%d/stat" % (pid, tid)
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _opt(value: object) -> str:
+    """A QEMU option value: commas are doubled."""
+    return str(value).replace(",", ",,")
+
+
+def _cpu_list(cpus: set[int] | list[int] | None) -> str | None:
+    return ",".join(str(c) for c in sorted(cpus)) if cpus else None
+
+
+class _Target:
+    """A target's working directory (a temporary one unless given) and its lifetime."""
+
+    label = "target"
+
+    def __init__(self, workdir: str | None) -> None:
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="vhd-target-", dir="/tmp")
+        self.workdir = Path(workdir or self._tmp.name)
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Process(_Target):
+    """A child process with its log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, workdir: str | None) -> None:
+        super().__init__(workdir)
+        self.log_path = self.workdir / ("%s.log" % self.label.replace(" ", "-").replace("/", "-"))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the target has used so far."""
+        return proc_cpu_seconds(self.pid) if self.pid is not None else None
+
+    def _spawn(self, command: list[str]) -> None:
+        self.command = command
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def _wait_until(self, ready, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if self.proc.poll() is not None:
+                raise TargetError("%s exited with status %d while %s\n%s"
+                                  % (self.label, self.proc.returncode, what, self.log_tail()))
+            if time.monotonic() > deadline:
+                raise TargetError("%s not ready within %.0f s (%s)\n%s"
+                                  % (self.label, timeout_s, what, self.log_tail()))
+            time.sleep(0.02)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL (a crash)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class QsdTarget(_Process):
+    """qemu-storage-daemon exporting a null-co or file node as vhost-user-blk.
+
+    backend "null": ``null-co`` of size_bytes (reads return whatever the buffer held unless
+    read_zeroes).  backend "file": image (created sparse at size_bytes if missing), opened with
+    cache.direct=on and the given aio engine.
+    """
+
+    kind = "blk"
+
+    def __init__(self, backend: str = "null", *, image: str | None = None, size_bytes: int = 1 << 30,
+                 num_queues: int = 1, cpus: set[int] | list[int] | None = None,
+                 read_zeroes: bool = False, direct: bool = True, aio: str = "io_uring",
+                 workdir: str | None = None, binary: str = "qemu-storage-daemon") -> None:
+        if backend not in ("null", "file"):
+            raise ValueError("QSD backend is 'null' or 'file'")
+        self.label = "qsd-%s" % backend
+        super().__init__(workdir)
+        self.backend = backend
+        self.socket_path = str(self.workdir / ("%s.sock" % self.label))
+        self.pid_path = self.workdir / ("%s.pid" % self.label)
+        self.image = image or str(self.workdir / "qsd.img")
+        self.size_bytes = size_bytes
+        self.num_queues = num_queues
+        self.cpus = cpus
+        self.read_zeroes = read_zeroes
+        self.direct = direct
+        self.aio = aio
+        self.binary = binary
+
+    def command_line(self) -> list[str]:
+        if self.backend == "null":
+            node = "driver=null-co,node-name=disk0,size=%d,read-zeroes=%s" % (
+                self.size_bytes, "on" if self.read_zeroes else "off")
+        else:
+            node = "driver=file,node-name=disk0,filename=%s,cache.direct=%s,aio=%s" % (
+                _opt(self.image), "on" if self.direct else "off", self.aio)
+        command = [self.binary, "--blockdev", node,
+                   "--export", "type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,"
+                   "addr.path=%s,writable=on,num-queues=%d" % (_opt(self.socket_path), self.num_queues),
+                   "--pidfile", str(self.pid_path)]
+        cpus = _cpu_list(self.cpus)
+        return (["taskset", "-c", cpus] if cpus else []) + command
+
+    def start(self, timeout_s: float = 30.0) -> QsdTarget:
+        if self.backend == "file" and not os.path.exists(self.image):
+            with open(self.image, "wb") as f:
+                f.truncate(self.size_bytes)
+        for path in (self.socket_path, self.pid_path):
+            Path(path).unlink(missing_ok=True)
+        self._spawn(self.command_line())
+        # QSD writes its pid file once the export listens.
+        self._wait_until(lambda: self.pid_path.exists() and os.path.exists(self.socket_path),
+                         timeout_s, "waiting for the export socket")
+        return self
+
+    def restart(self, timeout_s: float = 30.0) -> None:
+        """Stop and start again on the same socket (a back-end restart)."""
+        self.stop()
+        self.start(timeout_s)
+
+
+def spdk_rpc(path: str, method: str, params: dict | None = None, timeout_s: float = 10.0):
+    """One SPDK JSON-RPC call over a unix socket; returns the result or raises TargetError."""
+    request = {"jsonrpc": "2.0", "id": 1, "method": method}
+    if params is not None:
+        request["params"] = params
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+        sock.sendall(json.dumps(request).encode())
+        buf = b""
+        decoder = json.JSONDecoder()
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise TargetError("%s closed the RPC connection during %s" % (path, method))
+            buf += chunk
+            try:
+                reply, _ = decoder.raw_decode(buf.decode().lstrip())
+                break
+            except ValueError:
+                continue
+    if "error" in reply:
+        raise TargetError("%s failed: %s" % (method, reply["error"]))
+    return reply.get("result")
+
+
+def vhostd_command() -> list[str] | None:
+    """How to start vhostd here: the console script, or the module, or None if absent."""
+    exe = shutil.which("vhostd")
+    if exe:
+        return [exe]
+    if importlib.util.find_spec("vhostd.cli") is not None:
+        return [sys.executable, "-m", "vhostd.cli"]
+    return None
+
+
+class VhostdTarget(_Process):
+    """vhostd with one bdev (null, malloc or file) behind one blk or scsi controller.
+
+    The bdev and controller are created through vhostd's SPDK JSON-RPC, as an operator would;
+    ``cpus`` becomes the ``-m`` mask (one reactor per core).
+    """
+
+    def __init__(self, bdev: str = "null", *, kind: str = "blk", image: str | None = None,
+                 size_bytes: int = 1 << 30, block_size: int = 512, cpus=(0,),
+                 workdir: str | None = None, extra_args: list[str] | None = None) -> None:
+        if bdev not in ("null", "malloc", "file") or kind not in ("blk", "scsi"):
+            raise ValueError("bdev is null, malloc or file; kind is blk or scsi")
+        self.label = "vhostd-%s-%s" % (kind, bdev)
+        super().__init__(workdir)
+        self.bdev = bdev
+        self.kind = kind
+        self.image = image or str(self.workdir / "vhostd.img")
+        self.size_bytes = size_bytes
+        self.block_size = block_size
+        self.cpus = set(cpus)
+        self.extra_args = extra_args or []
+        self.rpc_path = str(self.workdir / "rpc.sock")
+        self.ctrlr = "vhd.0"
+        self.socket_path = str(self.workdir / self.ctrlr)
+
+    def rpc(self, method: str, params: dict | None = None):
+        return spdk_rpc(self.rpc_path, method, params)
+
+    def start(self, timeout_s: float = 30.0) -> VhostdTarget:
+        command = vhostd_command()
+        if command is None:
+            raise TargetError("vhostd is not installed here")
+        mask = sum(1 << c for c in self.cpus)
+        self._spawn(command + ["-S", str(self.workdir), "-r", self.rpc_path, "-m", hex(mask)]
+                    + self.extra_args)
+        self._wait_until(lambda: os.path.exists(self.rpc_path), timeout_s, "waiting for the RPC socket")
+        self._create_bdev()
+        if self.kind == "blk":
+            self.rpc("vhost_create_blk_controller", {"ctrlr": self.ctrlr, "dev_name": "disk0"})
+        else:
+            self.rpc("vhost_create_scsi_controller", {"ctrlr": self.ctrlr})
+            self.rpc("vhost_scsi_controller_add_target",
+                     {"ctrlr": self.ctrlr, "scsi_target_num": 0, "bdev_name": "disk0"})
+        self._wait_until(lambda: os.path.exists(self.socket_path), timeout_s, "waiting for the controller socket")
+        return self
+
+    def _create_bdev(self) -> None:
+        blocks = self.size_bytes // self.block_size
+        if self.bdev == "null":
+            self.rpc("bdev_null_create", {"name": "disk0", "num_blocks": blocks, "block_size": self.block_size})
+        elif self.bdev == "malloc":
+            self.rpc("bdev_malloc_create", {"name": "disk0", "num_blocks": blocks, "block_size": self.block_size})
+        else:
+            if not os.path.exists(self.image):
+                with open(self.image, "wb") as f:
+                    f.truncate(self.size_bytes)
+            self.rpc("bdev_uring_create", {"name": "disk0", "filename": self.image,
+                                           "block_size": self.block_size})
+
+
+@dataclass
+class _Bdev:
+    """What a BlkController needs of a bdev."""
+
+    name: str
+    disk: dp.Disk
+
+
+class InProcessVhostdTarget(_Target):
+    """vhostd's blk back-end (reactors + one BlkController on a null or malloc disk, or the given
+    Disk) running in this process: an asyncio loop in a thread, reactors pinned to ``cpus``.  Measures vhostd's
+    data plane before the vhostd command exists, and serves tests; its CPU use is that of its
+    reactor threads."""
+
+    kind = "blk"
+
+    def __init__(self, bdev: str = "null", *, disk=None, cpus=(0,), size_bytes: int = 1 << 30,
+                 block_size: int = 512, workdir: str | None = None) -> None:
+        if bdev not in ("null", "malloc"):
+            raise ValueError("in-process vhostd serves a null or malloc disk")
+        self.label = "vhostd-inproc-%s" % bdev
+        blocks = size_bytes // block_size
+        if disk is None:
+            disk = dp.Disk.null(block_size, blocks) if bdev == "null" else dp.Disk.malloc(block_size, blocks)
+        self.disk = disk
+        self.cpus = sorted(cpus or (0,))
+        super().__init__(workdir)
+        self.ctrlr = "vhd.0"
+        self.socket_path = os.path.join(self.workdir, self.ctrlr)
+        self.pid = None
+        self.loop = None
+
+    def start(self) -> InProcessVhostdTarget:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="vhostd-inproc", daemon=True)
+        self.thread.start()
+        self.reactors = ReactorSet(self.cpus)
+
+        async def setup():
+            self.reactors.start(self.loop)
+            self.controller = BlkController(self.ctrlr, str(self.workdir), self.reactors, self.cpus,
+                                            _Bdev(self.ctrlr + "-disk", self.disk))
+            await self.controller.start()
+
+        self._run(setup())
+        return self
+
+    def _run(self, coro, timeout_s: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def cpu_seconds(self) -> float | None:
+        total = 0.0
+        for reactor in self.reactors.reactors:
+            value = proc_cpu_seconds(os.getpid(), reactor.tid) if reactor.tid else None
+            if value is None:
+                return None
+            total += value
+        return total
+
+    def stop(self) -> None:
+        if self.loop is None:
+            return
+
+        async def teardown():
+            await self.controller.stop()
+            await self.reactors.stop()
+
+        self._run(teardown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+        self.loop = None
+
+
+def make_target(spec: str, *, cpus=None, size_bytes: int = 1 << 30, num_queues: int = 1,
+                image: str | None = None, direct: bool = True, workdir: str | None = None):
+    """A target from a short name: qsd-null, qsd-file, vhostd-null, vhostd-malloc, vhostd-file,
+    vhostd-scsi-null, vhostd-scsi-malloc, vhostd-scsi-file, vhostd-inproc-null,
+    vhostd-inproc-malloc.  image: the file of file targets
+    (default: a new sparse file of size_bytes); direct: QSD's cache.direct."""
+    parts = spec.split("-")
+    if parts[0] == "qsd" and len(parts) == 2:
+        return QsdTarget(parts[1], cpus=cpus, size_bytes=size_bytes, num_queues=num_queues,
+                         image=image, direct=direct, workdir=workdir)
+    if parts[:2] == ["vhostd", "inproc"] and len(parts) == 3:
+        return InProcessVhostdTarget(parts[2], cpus=cpus or (0,), size_bytes=size_bytes, workdir=workdir)
+    if parts[0] == "vhostd" and len(parts) in (2, 3):
+        kind = parts[1] if len(parts) == 3 else "blk"
+        return VhostdTarget(parts[-1], kind=kind, cpus=cpus or (0,), size_bytes=size_bytes,
+                            image=image, workdir=workdir)
+    raise ValueError("unknown target %r (qsd-null, qsd-file, vhostd-null, vhostd-scsi-malloc …)" % spec)
