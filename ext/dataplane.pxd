@@ -322,6 +322,7 @@ cdef struct reactor_t:
     int wake_fd              # mailbox doorbell
     int ack_fd               # written after a message completes (watched by asyncio)
     uint32_t stop
+    uint32_t thread_alive      # reactor_run is executing (set and cleared by the thread)
     pthread_mutex_t *lock
     mailbox_msg_t *inbox[MAILBOX_SIZE]
     uint32_t inbox_head

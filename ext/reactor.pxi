@@ -183,6 +183,7 @@ cdef void reactor_run(reactor_t *r) noexcept nogil:
     cdef uint32_t i
     cdef int work
     cdef vq_t *vq
+    vhd_store_u32(&r.thread_alive, 1)
     last_work = vhd_ticks()
     while not r.stop:
         start = vhd_ticks()
@@ -209,6 +210,7 @@ cdef void reactor_run(reactor_t *r) noexcept nogil:
             if now - last_work > r.idle_sleep_ticks:
                 _try_sleep(r)
                 last_work = vhd_ticks()
+    vhd_store_u32(&r.thread_alive, 0)
 
 
 cdef class MailboxMessage:
@@ -246,11 +248,13 @@ cdef class Reactor:
     cdef readonly object tid
     cdef public object pin_error
     cdef set queues                   # VirtQueue objects attached (kept alive)
+    cdef list unacked                 # posted messages the reactor may still write to
 
     def __cinit__(self, int lcore, double idle_sleep_us=200.0):
         cdef int rc
         self.lcore = lcore
         self.queues = set()
+        self.unacked = []
         self.r = <reactor_t *>calloc(1, sizeof(reactor_t))
         if self.r == NULL:
             raise MemoryError()
@@ -279,7 +283,11 @@ cdef class Reactor:
 
     @property
     def running(self):
-        return self.thread is not None and self.thread.is_alive()
+        return self.thread is not None and bool(vhd_load_u32(&self.r.thread_alive) or not self.r.stop)
+
+    @property
+    def started(self):
+        return self.thread is not None
 
     def start(self):
         """Launch the reactor thread, pinned to lcore."""
@@ -316,6 +324,10 @@ cdef class Reactor:
         self.r.inbox[self.r.inbox_tail % MAILBOX_SIZE] = m.msg
         vhd_store_u32(&self.r.inbox_tail, self.r.inbox_tail + 1)
         pthread_mutex_unlock(self.r.lock)
+        # The reactor writes to the message when it is done: keep it alive until then, whatever
+        # the caller does with its reference.
+        self.unacked = [msg for msg in self.unacked if not msg.done]
+        self.unacked.append(m)
         eventfd_signal(self.r.wake_fd)
         return m
 
@@ -352,8 +364,11 @@ cdef class Reactor:
         eventfd_drain(self.r.ack_fd)
 
     def join(self, timeout=None):
+        """Wait for the thread to end; then drop it (it refers back to this reactor)."""
         if self.thread is not None:
             self.thread.join(timeout)
+            if not self.thread.is_alive():
+                self.thread = None
 
     def stats(self):
         """busy/idle ticks, poll passes, sleeps, wakeups, attached queue count."""
@@ -365,7 +380,7 @@ cdef class Reactor:
     def __dealloc__(self):
         if self.r == NULL:
             return
-        if self.thread is not None and self.thread.is_alive():
+        if vhd_load_u32(&self.r.thread_alive):
             # Never free what a running thread uses: leak instead (only at interpreter exit).
             return
         io_ctx_fini(&self.r.io)
