@@ -197,6 +197,14 @@ cdef int io_ctx_init(io_ctx_t *ctx) noexcept nogil:
 
 
 cdef void io_ctx_fini(io_ctx_t *ctx) noexcept nogil:
+    cdef uint32_t i, k
+    cdef virtio_bdev_t *v
+    for i in range(ctx.nvqueues):       # let go of claimed virtio queues
+        v = ctx.vbdevs[i]
+        for k in range(v.nqueues):
+            if v.owners[k] == ctx:
+                vhd_store_ptr(<void **>&v.owners[k], NULL)
+    ctx.nvqueues = 0
     if ctx.ring_ready:
         io_uring_queue_exit(&ctx.ring)
         ctx.ring_ready = 0
@@ -342,6 +350,62 @@ cdef void _memory_execute(bdev_t *b, bdev_io_t *io) noexcept nogil:
                 memset(b.data + io.ranges[r].offset, 0, io.ranges[r].length)
 
 
+cdef vdrv_queue_t *_virtio_queue(io_ctx_t *ctx, virtio_bdev_t *v) noexcept nogil:
+    """The driver queue of v this engine uses: the one it owns, else a free one it claims now."""
+    cdef uint32_t i
+    for i in range(v.nqueues):
+        if v.owners[i] == ctx:
+            return v.queues[i]
+    if v.closing or ctx.nvqueues >= MAX_CTX_VQUEUES:
+        return NULL
+    for i in range(v.nqueues):
+        if v.owners[i] == NULL and vhd_cas_ptr(<void **>&v.owners[i], NULL, ctx):
+            ctx.vqueues[ctx.nvqueues] = v.queues[i]
+            ctx.vbdevs[ctx.nvqueues] = v
+            ctx.nvqueues += 1
+            return v.queues[i]
+    return NULL
+
+
+cdef int _virtio_start(io_ctx_t *ctx, bdev_io_t *io) noexcept nogil:
+    cdef vdrv_queue_t *q = _virtio_queue(ctx, io.bdev.virtio)
+    cdef int rc
+    if q == NULL:
+        bdev_io_finish(io, -EBUSY)      # more threads than the device has queues
+        return 1
+    rc = vdrv_submit(q, io)
+    if rc == -EAGAIN:
+        _io_ctx_enqueue(ctx, io)
+        return 0
+    return rc
+
+
+cdef int _virtio_poll(io_ctx_t *ctx) noexcept nogil:
+    """Publish, then complete, on every claimed virtio queue; let go of closing devices' queues
+    once they are idle."""
+    cdef uint32_t i = 0, k
+    cdef int n, completed = 0
+    cdef virtio_bdev_t *v
+    while i < ctx.nvqueues:
+        vdrv_flush(ctx.vqueues[i])
+        n = vdrv_poll(ctx.vqueues[i], 256)
+        if n > 0:
+            completed += n
+        elif n < 0:
+            completed += vdrv_fail_inflight(ctx.vqueues[i], -EIO)
+        v = ctx.vbdevs[i]
+        if v.closing and ctx.vqueues[i].inflight == 0:
+            for k in range(v.nqueues):
+                if v.owners[k] == ctx:
+                    vhd_store_ptr(<void **>&v.owners[k], NULL)
+            ctx.nvqueues -= 1
+            ctx.vqueues[i] = ctx.vqueues[ctx.nvqueues]
+            ctx.vbdevs[i] = ctx.vbdevs[ctx.nvqueues]
+            continue
+        i += 1
+    return completed
+
+
 cdef int _start(io_ctx_t *ctx, bdev_io_t *io) noexcept nogil:
     """Execute or queue a validated I/O.  Returns 1 if it finished (callback already ran)."""
     cdef bdev_t *b = io.bdev
@@ -349,6 +413,8 @@ cdef int _start(io_ctx_t *ctx, bdev_io_t *io) noexcept nogil:
     if b.qos.enabled and not qos_admit(b, io):
         _io_ctx_enqueue(ctx, io)
         return 0
+    if b.kind == BDEV_VIRTIO:
+        return _virtio_start(ctx, io)
     if b.kind == BDEV_FILE:
         rc = _file_prepare(ctx, b, io)
         if rc == -EAGAIN:
@@ -403,6 +469,8 @@ cdef int io_ctx_poll(io_ctx_t *ctx) noexcept nogil:
             queued = queued.next_queued
             completed += _start(ctx, io)
     io_ctx_flush(ctx)
+    if ctx.nvqueues:
+        completed += _virtio_poll(ctx)
     if not ctx.ring_ready or ctx.in_kernel == 0:
         return completed
     while io_uring_peek_cqe(&ctx.ring, &cqe) == 0:
@@ -425,6 +493,10 @@ cdef int io_ctx_poll(io_ctx_t *ctx) noexcept nogil:
 
 
 cdef inline bint io_ctx_idle(io_ctx_t *ctx) noexcept nogil:
+    cdef uint32_t i
+    for i in range(ctx.nvqueues):
+        if ctx.vqueues[i].inflight:
+            return False
     return ctx.in_kernel == 0 and ctx.unsubmitted == 0 and ctx.queued_head == NULL
 
 
@@ -504,6 +576,7 @@ cdef class Disk:
     cdef readonly object path
     cdef io_stats_t retired        # counters of channels that went away, and of IoContext calls
     cdef list channels
+    cdef object backend            # virtio kind: the front-end and driver queues kept alive
 
     def __cinit__(self):
         self.bdev = <bdev_t *>calloc(1, sizeof(bdev_t))
@@ -661,8 +734,11 @@ cdef class Disk:
                           or q.write_bytes_per_sec) else 0
 
     def remove(self):
-        """Hot-remove: every I/O submitted from now on fails with ENODEV."""
+        """Hot-remove: every I/O submitted from now on fails with ENODEV (virtio kind: the I/O
+        engines let go of its queues once idle; see virtio_released)."""
         self.bdev.removed = 1
+        if self.bdev.virtio != NULL:
+            self.bdev.virtio.closing = 1
         vhd_full_fence()
 
     cdef void attach_channel(self, io_stats_t *stats, object owner):
@@ -711,9 +787,31 @@ cdef class Disk:
             raise RuntimeError("disk is in use by %d channel(s)" % len(self.channels))
         self._release()
 
+    @property
+    def virtio_released(self):
+        """virtio kind, after remove(): True once no I/O engine drives its queues any more."""
+        cdef virtio_bdev_t *v = self.bdev.virtio
+        cdef uint32_t i
+        if v == NULL:
+            return True
+        for i in range(v.nqueues):
+            if v.owners[i] != NULL:
+                return False
+        return True
+
     cdef void _release(self):
+        cdef virtio_bdev_t *v
         if self.bdev == NULL:
             return
+        v = self.bdev.virtio
+        if v != NULL:
+            v.closing = 1
+            if self.virtio_released:
+                free(v.queues)
+                free(v.owners)
+                free(v)
+                self.bdev.virtio = NULL
+                self.backend = None
         if self.bdev.data != NULL:
             munmap(self.bdev.data, self.bdev.data_len)
             self.bdev.data = NULL

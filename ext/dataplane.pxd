@@ -40,6 +40,7 @@ cdef enum:
     MAX_SCSI_TARGETS = 8
     LAT_BUCKETS = 40            # latency histogram: bucket b holds [2^b, 2^(b+1)) ticks
     MAILBOX_SIZE = 256
+    MAX_CTX_VQUEUES = 16        # virtio-bdev queues one I/O engine may drive
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,6 +64,7 @@ cdef enum bdev_kind_t:
     BDEV_MALLOC = 1
     BDEV_NULL = 2
     BDEV_FILE = 3
+    BDEV_VIRTIO = 4          # another vhost-user target, through our own front-end
 
 cdef enum bdev_op_t:
     OP_READ = 1
@@ -107,6 +109,18 @@ cdef struct qos_t:
     uint64_t last_refill_tick
     uint32_t enabled
 
+cdef struct vdrv_queue_t
+cdef struct io_ctx_t
+
+cdef struct virtio_bdev_t:
+    # A bdev served by another vhost-user target.  Each driver queue is used by one thread at a
+    # time: an I/O engine claims a free queue the first time it submits (owners[i]) and polls it
+    # from then on; on detach every engine lets go (closing) before the queues are freed.
+    uint32_t nqueues
+    uint32_t closing
+    vdrv_queue_t **queues
+    io_ctx_t **owners
+
 cdef struct bdev_t:
     uint32_t kind
     uint32_t block_size
@@ -119,6 +133,7 @@ cdef struct bdev_t:
     int fd_direct            # file: O_DIRECT descriptor, or -1
     uint32_t direct_align    # file: alignment O_DIRECT needs for offsets, lengths and buffers
     qos_t qos
+    virtio_bdev_t *virtio    # virtio kind: the front-end queues
 
 cdef struct bdev_io_t
 ctypedef void (*bdev_io_cb_t)(bdev_io_t *io) noexcept nogil
@@ -153,6 +168,9 @@ cdef struct io_ctx_t:
     uint32_t unsubmitted     # prepared SQEs not yet handed to the kernel
     bdev_io_t *queued_head
     bdev_io_t *queued_tail
+    vdrv_queue_t *vqueues[MAX_CTX_VQUEUES]   # virtio-bdev queues this engine claimed
+    virtio_bdev_t *vbdevs[MAX_CTX_VQUEUES]
+    uint32_t nvqueues
 
 
 # ---------------------------------------------------------------------------------------------

@@ -565,6 +565,24 @@ cdef int vdrv_poll(vdrv_queue_t *q, int budget) noexcept nogil:
     return n
 
 
+cdef int vdrv_fail_inflight(vdrv_queue_t *q, int32_t status) noexcept nogil:
+    """The device broke the ring: nothing on it will complete.  Fail every bdev I/O still on it
+    (its callback runs) so callers never wait forever; returns how many were failed."""
+    cdef uint16_t s
+    cdef vdrv_slot_t *slot
+    cdef bdev_io_t *io
+    cdef int n = 0
+    for s in range(q.nslots):
+        slot = &q.slots[s]
+        if slot.busy and slot.io != NULL and not slot.done:
+            io = slot.io
+            vdrv_slot_put(q, slot)
+            bdev_io_finish(io, status)
+            n += 1
+    q.inflight = 0
+    return n
+
+
 cdef int vdrv_wait(vdrv_queue_t **queues, uint32_t nqueues, int timeout_ms) noexcept nogil:
     """Sleep until one of the queues' call eventfds fires or timeout_ms pass (interrupts must be
     armed).  Returns the number of queues signalled, 0 on timeout, -errno on failure."""
@@ -1360,3 +1378,40 @@ cdef class LoadGenerator:
     def __dealloc__(self):
         free(self.L.queues)
         free(self.L.ios)
+
+
+def virtio_disk(queues, uint32_t block_size, uint64_t num_blocks, bint readonly=False, backend=None):
+    """A Disk served by another vhost-user target through our front-end: I/O goes out on the
+    given DriverQueues (blk or scsi, with bounce buffers as large as the largest I/O), one queue
+    per I/O engine that uses the disk.  ``backend`` is kept alive with the disk (the front-end
+    connection)."""
+    cdef Disk d
+    cdef virtio_bdev_t *v
+    cdef DriverQueue dq
+    cdef uint32_t i
+    if not queues:
+        raise ValueError("a virtio disk needs at least one queue")
+    Disk._check_geometry(block_size, num_blocks)
+    d = Disk.__new__(Disk)
+    v = <virtio_bdev_t *>calloc(1, sizeof(virtio_bdev_t))
+    if v == NULL:
+        raise MemoryError()
+    v.queues = <vdrv_queue_t **>calloc(len(queues), sizeof(vdrv_queue_t *))
+    v.owners = <io_ctx_t **>calloc(len(queues), sizeof(io_ctx_t *))
+    if v.queues == NULL or v.owners == NULL:
+        free(v.queues)
+        free(v.owners)
+        free(v)
+        raise MemoryError()
+    for i, dq in enumerate(queues):
+        v.queues[i] = dq.q
+    v.nqueues = len(queues)
+    d.bdev.kind = BDEV_VIRTIO
+    d.bdev.virtio = v
+    d.bdev.block_size = block_size
+    d.bdev.num_blocks = num_blocks
+    d.bdev.readonly = readonly
+    d.kind = "virtio"
+    d.backend = (backend, list(queues))
+    return d
+

@@ -34,6 +34,10 @@ cdef extern from *:
     static inline int vhd_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired) {
         return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
     }
+    static inline void vhd_store_ptr(void **p, void *v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline int vhd_cas_ptr(void **p, void *expected, void *desired) {
+        return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    }
     static inline int vhd_clz64(uint64_t v) { return v ? __builtin_clzll(v) : 64; }
     """
     uint64_t vhd_ticks() nogil
@@ -47,6 +51,8 @@ cdef extern from *:
     void vhd_store_u32(uint32_t *p, uint32_t v) nogil
     int64_t vhd_fetch_add_i64(int64_t *p, int64_t v) nogil
     int vhd_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired) nogil
+    void vhd_store_ptr(void **p, void *v) nogil
+    int vhd_cas_ptr(void **p, void *expected, void *desired) nogil
     int vhd_clz64(uint64_t v) nogil
 
 cdef extern from "<sys/eventfd.h>" nogil:

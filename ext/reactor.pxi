@@ -146,6 +146,9 @@ cdef bint _try_sleep(reactor_t *r) noexcept nogil:
     cdef uint64_t t0
     if r.io.unsubmitted or r.draining != NULL:
         return False
+    for i in range(r.io.nvqueues):
+        if r.io.vqueues[i].inflight:
+            return False      # completions from another target are polled, not signalled
     for i in range(r.nqueues):
         vq = r.queues[i]
         if vq.kick_fd < 0 and not vq.broken:

@@ -78,7 +78,8 @@ class Frontend:
                  device: int = dp.DEVICE_BLK, device_features: int = 0, event_idx: bool = True,
                  indirect: bool = True, protocol_features: int = PROTOCOL_FEATURES,
                  memory: dp.DriverMemory | None = None, memory_bytes: int = 64 << 20,
-                 memory_regions: int = 1, bounce_bytes: int = 0, use_mem_slots: bool = False,
+                 memory_regions: int = 1, bounce_bytes: int = 0, slots: int = 0,
+                 use_mem_slots: bool = False,
                  ack_all: bool = False, call_fds: bool = True, timeout_s: float = 5.0) -> None:
         if not 1 <= num_queues <= MAX_VQS:
             raise ValueError("between 1 and %d virtqueues" % MAX_VQS)
@@ -98,7 +99,7 @@ class Frontend:
         self.vqs: list[Vq] = []
         for index in range(num_queues):
             queue = dp.DriverQueue(self.memory, index, queue_size, device=device,
-                                   bounce_bytes=bounce_bytes)
+                                   bounce_bytes=bounce_bytes, nslots=slots)
             kick, call, err = _eventfd(), (_eventfd() if call_fds else -1), _eventfd()
             queue.set_fds(kick, call)
             self.vqs.append(Vq(queue, kick, call, err))
