@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 _session_ids = itertools.count()
 
 DEFAULT_IOPS_THRESHOLD = 60000
+HANDOVER_TIMEOUT_S = 5.0      # how long a second front-end waits for the first to leave
 
 
 class Controller:
@@ -92,9 +93,14 @@ class Controller:
         while True:
             conn_sock, _ = await loop.sock_accept(self.listener)
             if self.connection is not None:
-                log.warning("%s: a front-end is already connected; refusing another", self.name)
-                conn_sock.close()
-                continue
+                # One front-end at a time.  A new one usually means the old one is going away
+                # (QEMU restarted, guest rebooted): it waits for that, then is served.
+                try:
+                    await asyncio.wait_for(self._idle.wait(), HANDOVER_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    log.warning("%s: a front-end is already connected; refusing another", self.name)
+                    conn_sock.close()
+                    continue
             self.connection = Connection(self, Transport(conn_sock), next(_session_ids))
             self._idle.clear()
             log.info("%s: front-end connected (session %s)", self.name, self.connection.name)
