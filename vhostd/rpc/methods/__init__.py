@@ -1,0 +1,3 @@
+"""RPC method modules: importing this package registers every method and subsystem."""
+
+from . import bdev, framework, log, vhost  # noqa: F401

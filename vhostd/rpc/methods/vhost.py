@@ -1,0 +1,69 @@
+"""vhost methods: controllers (blk, scsi) and their targets, coalescing, listing.  Every error is
+-32602 with strerror, as SPDK's vhost_rpc.c (vhost_get_controllers: -32603)."""
+
+from __future__ import annotations
+
+from ... import cpumask
+from ...errors import VhostdError
+from .. import params as P
+from ..registry import REGISTRY, RpcError, rpc_method, vhost_error
+
+VHOST_DECODE = (-32602, "Invalid argument")
+
+
+def _cores(app, text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    return cpumask.within(cpumask.parse(text), app.reactors.cores)
+
+
+@rpc_method("vhost_create_blk_controller", result=bool, params=P.VhostCreateBlkController,
+            aliases=("construct_vhost_blk_controller",), decode_error=VHOST_DECODE, map_error=vhost_error)
+async def vhost_create_blk_controller(app, p: P.VhostCreateBlkController):
+    """A vhost-user-blk controller at SOCKET_DIR/<ctrlr> serving bdev dev_name."""
+    await app.vhost.create_blk(p.ctrlr, p.dev_name, _cores(app, p.cpumask), p.readonly, p.packed_ring,
+                               p.transport)
+    return True
+
+
+@rpc_method("vhost_delete_controller", result=bool, params=P.CtrlrOnly, aliases=("remove_vhost_controller",),
+            decode_error=VHOST_DECODE, map_error=vhost_error)
+async def vhost_delete_controller(app, p: P.CtrlrOnly):
+    """Delete a controller; with a front-end connected, the reply waits until it has left (as
+    SPDK re-queues the request until the controller is idle)."""
+    await app.vhost.delete(p.ctrlr)
+    return True
+
+
+@rpc_method("vhost_controller_set_coalescing", result=bool, params=P.VhostControllerSetCoalescing,
+            aliases=("set_vhost_controller_coalescing",), decode_error=VHOST_DECODE, map_error=vhost_error)
+def vhost_controller_set_coalescing(app, p: P.VhostControllerSetCoalescing):
+    """Interrupt coalescing of a controller's queues."""
+    app.vhost.set_coalescing(p.ctrlr, p.delay_base_us, p.iops_threshold)
+    return True
+
+
+def _get_error(exc: VhostdError) -> RpcError:
+    return RpcError(-32603, "No such device") if exc.errno == 19 else RpcError(-32603, "Invalid argument")
+
+
+@rpc_method("vhost_get_controllers", result=list[dict], params=P.VhostGetControllers, aliases=("get_vhost_controllers",),
+            decode_error=(-32603, "Invalid argument"), map_error=_get_error)
+def vhost_get_controllers(app, p: P.VhostGetControllers):
+    """Controllers (or one), sorted by name, with sessions and backend details."""
+    return app.vhost.infos(p.name)
+
+
+def _blk_config(app) -> list:
+    entries = []
+    for c in app.vhost.of_kind("blk"):
+        entries.append({"method": "vhost_create_blk_controller", "params": {
+            "ctrlr": c.name, "dev_name": c.bdev.name if c.bdev is not None else "",
+            "cpumask": c.cpumask()[2:], "readonly": c.readonly, "transport": c.transport}})
+        if c.delay_base_us:
+            entries.append({"method": "vhost_controller_set_coalescing", "params": {
+                "ctrlr": c.name, "delay_base_us": c.delay_base_us, "iops_threshold": c.iops_threshold}})
+    return entries
+
+
+REGISTRY.subsystem("vhost_blk", depends_on=("bdev",), config_writer=_blk_config)

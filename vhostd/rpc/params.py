@@ -1,0 +1,203 @@
+"""Params of every RPC method as pydantic models: SPDK's names, types and required flags (its
+schema.yaml).  Models forbid unknown keys and coerce nothing (strict): SPDK's JSON decoders reject
+an unknown key, a wrong JSON type or a missing required key.  ``rpc_schema/`` is generated from
+these models (vhostd/rpc/schema.py).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+U8 = Annotated[int, Field(ge=0, le=0xFF)]
+U32 = Annotated[int, Field(ge=0, le=0xFFFFFFFF)]
+U64 = Annotated[int, Field(ge=0, le=0xFFFFFFFFFFFFFFFF)]
+I32 = Annotated[int, Field(ge=-0x80000000, le=0x7FFFFFFF)]
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Relaxed(BaseModel):
+    """SPDK's _relaxed decoders ignore unknown keys."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+# -- framework, app, log ----------------------------------------------------------------------
+class RpcGetMethods(Params):
+    current: bool = False
+    include_aliases: bool = False
+
+
+class FrameworkGetConfig(Params):
+    name: str
+    with_batches: bool = False
+
+
+class SpdkKillInstance(Params):
+    sig_name: Literal["SIGINT", "SIGTERM", "SIGQUIT", "SIGHUP", "SIGKILL", "SIGUSR1"]
+
+
+LogLevel = Literal["ERROR", "WARNING", "NOTICE", "INFO", "DEBUG"]
+
+
+class LogSetLevel(Params):
+    level: LogLevel
+
+
+class BdevSetOptions(Params):
+    bdev_io_pool_size: U32 | None = None
+    bdev_io_cache_size: U32 | None = None
+    bdev_auto_examine: bool | None = None
+    iobuf_small_cache_size: U32 | None = None
+    iobuf_large_cache_size: U32 | None = None
+
+
+# -- bdevs ------------------------------------------------------------------------------------
+class MetadataParams(Params):
+    """Metadata and protection information: accepted as SPDK spells them; vhostd has neither, so
+    anything but the defaults is refused with a clear error by the handler."""
+
+    md_size: U32 = 0
+    md_interleave: bool = False
+    dif_type: I32 = 0
+    dif_is_head_of_md: bool = False
+    dif_pi_format: U32 = 0
+
+
+class BdevMallocCreate(MetadataParams):
+    block_size: U32
+    num_blocks: U64
+    name: str | None = None
+    uuid: str | None = None
+    optimal_io_boundary: U32 = 0
+    physical_block_size: U32 = 0
+    numa_id: I32 = -1
+
+
+class NameOnly(Params):
+    name: str
+
+
+class BdevNullCreate(MetadataParams):
+    name: str
+    block_size: U32
+    num_blocks: U64
+    uuid: str | None = None
+    physical_block_size: U32 = 0
+    preferred_write_granularity: U32 = 0
+    preferred_write_alignment: U32 = 0
+    optimal_write_size: U32 = 0
+    preferred_unmap_granularity: U32 = 0
+    preferred_unmap_alignment: U32 = 0
+
+
+class BdevNullResize(Params):
+    name: str
+    new_size: U64            # MiB
+
+
+class BdevAioCreate(Params):
+    name: str
+    filename: str
+    block_size: U32 = 0
+    readonly: bool = False
+    fallocate: bool = False
+    nowait: bool = False
+    uuid: str | None = None
+
+
+class BdevUringCreate(Params):
+    filename: str
+    name: str
+    block_size: U32 = 0
+    uuid: str | None = None
+
+
+class BdevGetBdevs(Params):
+    name: str | None = None
+    timeout: U64 = 0
+
+
+class BdevGetIostat(Params):
+    name: str | None = None              # removed in SPDK 26.05; still accepted
+    names: list[str] | None = Field(default=None, max_length=1024)
+    per_channel: bool = False
+    reset_mode: Literal["all", "maxmin", "error", "none"] = "none"
+
+
+class BdevSetQosLimit(Params):
+    name: str
+    rw_ios_per_sec: U64 | None = None
+    rw_mbytes_per_sec: U64 | None = None
+    r_mbytes_per_sec: U64 | None = None
+    w_mbytes_per_sec: U64 | None = None
+
+
+class CreateBdev(BaseModel):
+    """The design card's generic create: ``type`` picks the kind, the other keys are that kind's
+    params (checked against its own model by the handler)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["malloc", "null", "aio", "uring"]
+
+
+class BdevVirtioAttachController(Params):
+    name: str
+    trtype: Literal["pci", "user", "vfio-user"]
+    traddr: str
+    dev_type: Literal["blk", "scsi"]
+    vq_count: U32 | None = None
+    vq_size: U32 | None = None
+
+
+# -- vhost ------------------------------------------------------------------------------------
+class VhostCreateBlkController(Relaxed):
+    ctrlr: str
+    dev_name: str
+    cpumask: str | None = None
+    readonly: bool = False
+    packed_ring: bool = False
+    transport: str | None = None
+
+
+class VhostCreateScsiController(Params):
+    ctrlr: str
+    cpumask: str | None = None
+    delay: bool = False
+
+
+class CtrlrOnly(Params):
+    ctrlr: str
+
+
+class VhostScsiControllerAddTarget(Params):
+    ctrlr: str
+    scsi_target_num: I32
+    bdev_name: str
+
+
+class VhostScsiControllerRemoveTarget(Params):
+    ctrlr: str
+    scsi_target_num: U32
+
+
+class VhostControllerSetCoalescing(Params):
+    ctrlr: str
+    delay_base_us: U32
+    iops_threshold: U32
+
+
+class VhostGetControllers(Params):
+    name: str | None = None
+
+
+class AddLun(Params):
+    """The design card's add_lun: a bdev as LUN 0 of a target (first free slot by default)."""
+
+    ctrlr: str
+    bdev_name: str
+    scsi_target_num: I32 = -1
