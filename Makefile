@@ -25,7 +25,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet 'setuptools>=77' wheel 'Cython>=3.0'
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[test]'
 	touch $@
 
 # Rebuild the data-plane extension in place after a change under ext/.
