@@ -222,7 +222,7 @@ class Connection:
                 resubmitted = queue.set_inflight(self.inflight_map,
                                                  self.inflight_base + index * self.inflight_stride)
                 if resubmitted:
-                    log.info("%s: queue %d resubmits %d requests in flight before", self.name, index,
+                    log.log(25, "%s: queue %d resubmits %d requests in flight before", self.name, index,
                              resubmitted)
         except ValueError as exc:
             self.session.queue_failed(index, str(exc))
