@@ -93,7 +93,7 @@ cdef void bdev_io_finish(bdev_io_t *io, int32_t status) noexcept nogil:
     cdef uint64_t lat
     io.status = status
     if s != NULL:
-        lat = vhd_ticks() - io.submit_tick
+        lat = vhd_clock() - io.submit_tick
         if status != 0:
             s.failed += 1
         elif io.op == OP_READ:
@@ -429,7 +429,7 @@ cdef int bdev_submit(io_ctx_t *ctx, bdev_io_t *io) noexcept nogil:
     """Start an I/O on its bdev.  The callback runs exactly once: before this returns (malloc,
     null, every error) or from a later io_ctx_poll() (file).  Returns 1 if it already ran."""
     cdef int rc
-    io.submit_tick = vhd_ticks()
+    io.submit_tick = vhd_clock()
     io.pending = 0
     rc = _validate(io.bdev, io)
     if rc:
@@ -473,6 +473,7 @@ cdef int io_ctx_poll(io_ctx_t *ctx) noexcept nogil:
         completed += _virtio_poll(ctx)
     if not ctx.ring_ready or ctx.in_kernel == 0:
         return completed
+    vhd_clock_refresh()
     while io_uring_peek_cqe(&ctx.ring, &cqe) == 0:
         io = <bdev_io_t *>io_uring_cqe_get_data(cqe)
         res = cqe.res

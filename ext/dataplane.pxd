@@ -275,6 +275,10 @@ cdef struct vq_t:
     inflight_queue_t *inflight
     inflight_desc_t *inflight_desc
     uint64_t inflight_counter
+    uint16_t avail_cache     # avail.idx as last read (reread only when caught up)
+    uint16_t published_used  # used.idx as last stored in guest memory
+    uint16_t batch_head      # inflight tracking: completions not yet published, linked by next
+    uint16_t batch_len
     uint16_t *resubmit       # heads still in flight when the queue started, oldest first
     uint16_t n_resubmit
     uint16_t resubmit_pos

@@ -20,6 +20,13 @@ cdef extern from *:
     }
     static inline void vhd_cpu_relax(void) { }
     #endif
+    /* A reactor reads the TSC once per pass and lets the per-request code use that value
+       (vhd_clock); any other thread gets the TSC itself. */
+    static __thread uint64_t vhd_now_tick;
+    static __thread int vhd_clock_cached;
+    static inline uint64_t vhd_clock(void) { return vhd_clock_cached ? vhd_now_tick : vhd_ticks(); }
+    static inline uint64_t vhd_clock_refresh(void) { return vhd_now_tick = vhd_ticks(); }
+    static inline void vhd_clock_cache(int on) { vhd_clock_cached = on; if (on) vhd_now_tick = vhd_ticks(); }
     static inline uint64_t vhd_monotonic_ns(void) {
         struct timespec ts; clock_gettime(CLOCK_MONOTONIC_RAW, &ts);
         return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
@@ -41,6 +48,9 @@ cdef extern from *:
     static inline int vhd_clz64(uint64_t v) { return v ? __builtin_clzll(v) : 64; }
     """
     uint64_t vhd_ticks() nogil
+    uint64_t vhd_clock() nogil
+    uint64_t vhd_clock_refresh() nogil
+    void vhd_clock_cache(int on) nogil
     uint64_t vhd_monotonic_ns() nogil
     void vhd_cpu_relax() nogil
     void vhd_full_fence() nogil

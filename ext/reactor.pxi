@@ -187,9 +187,10 @@ cdef void reactor_run(reactor_t *r) noexcept nogil:
     cdef int work
     cdef vq_t *vq
     vhd_store_u32(&r.thread_alive, 1)
+    vhd_clock_cache(1)
     last_work = vhd_ticks()
     while not r.stop:
-        start = vhd_ticks()
+        start = vhd_clock_refresh()
         work = 0
         if vhd_load_u32(&r.inbox_tail) != r.inbox_head:
             work += _process_mailbox(r)

@@ -146,7 +146,7 @@ cdef task_t *_task_begin(vq_t *vq, uint16_t head) noexcept nogil:
     task.head = head
     task.used_len = 0
     task.status = NULL
-    task.start_tick = vhd_ticks()
+    task.start_tick = vhd_clock()
     return task
 
 
@@ -159,11 +159,14 @@ cdef int vq_pop(vq_t *vq, task_t **out) noexcept nogil:
         head = vq.resubmit[vq.resubmit_pos]
         vq.resubmit_pos += 1
     else:
-        avail_idx = vhd_load_u16(_avail_idx(vq))
-        if avail_idx == vq.last_avail_idx:
-            return 0
-        if <uint16_t>(avail_idx - vq.last_avail_idx) > vq.size:
-            return -1
+        if vq.avail_cache == vq.last_avail_idx:
+            # Caught up with what we last read: one (shared, contended) load for a whole batch.
+            avail_idx = vhd_load_u16(_avail_idx(vq))
+            if avail_idx == vq.last_avail_idx:
+                return 0
+            if <uint16_t>(avail_idx - vq.last_avail_idx) > vq.size:
+                return -1
+            vq.avail_cache = avail_idx
         head = vhd_load_u16(&vq.avail[2 + vq.last_avail_idx % vq.size])
         if head >= vq.size:
             return -1
@@ -204,27 +207,45 @@ cdef inline void _account(vq_t *vq, task_t *task, bint failed) noexcept nogil:
 
 
 cdef void task_complete(task_t *task, bint failed) noexcept nogil:
-    """Return a task's buffers to the driver: used entry (head, used_len), then the used index,
-    then the inflight record.  The interrupt decision happens later, once per poll pass."""
+    """Return a task's buffers to the driver: the used entry now, the used index at the end of
+    the pass (vq_publish), the interrupt decision after that (vq_notify)."""
     cdef vq_t *vq = task.vq
-    cdef uint16_t idx = vq.used_idx
-    cdef vring_used_elem_t *elem = _used_elem(vq, idx % vq.size)
+    cdef vring_used_elem_t *elem = _used_elem(vq, vq.used_idx % vq.size)
     elem.id = task.head
     elem.len = task.used_len
-    if vq.inflight != NULL:
-        vq.inflight.last_batch_head = task.head
-    vhd_compiler_barrier()
-    idx += 1
-    vhd_store_u16(_used_idx(vq), idx)
-    vq.used_idx = idx
+    vq.used_idx += 1
     if vq.inflight_desc != NULL:
-        vq.inflight_desc[task.head].inflight = 0
-        vhd_compiler_barrier()
-        vq.inflight.used_idx = idx
+        vq.inflight_desc[task.head].next = vq.batch_head
+        vq.batch_head = task.head
+        vq.batch_len += 1
     _account(vq, task, failed)
     task.busy = 0
     vq.inflight_count -= 1
     vq.need_notify = 1
+    vq_publish(vq)
+
+
+cdef void vq_publish(vq_t *vq) noexcept nogil:
+    """Make the used entries written since the last call visible: one store of used.idx per
+    batch.  With inflight tracking, the batch is recorded first (last_batch_head, linked by next)
+    and its inflight flags cleared after, so a crash in between is repaired on recovery."""
+    cdef uint16_t head, k
+    if vq.published_used == vq.used_idx:
+        return
+    if vq.inflight != NULL:
+        vq.inflight.last_batch_head = vq.batch_head
+    vhd_compiler_barrier()
+    vhd_store_u16(_used_idx(vq), vq.used_idx)
+    vq.published_used = vq.used_idx
+    if vq.inflight_desc != NULL:
+        vhd_compiler_barrier()
+        head = vq.batch_head
+        for k in range(vq.batch_len):
+            vq.inflight_desc[head].inflight = 0
+            head = vq.inflight_desc[head].next
+        vq.batch_len = 0
+        vhd_compiler_barrier()
+        vq.inflight.used_idx = vq.used_idx
 
 
 cdef inline bint _need_event(uint16_t event, uint16_t new, uint16_t old) noexcept nogil:
@@ -237,6 +258,7 @@ cdef bint vq_notify(vq_t *vq, uint64_t now) noexcept nogil:
     flight.  Returns True if deferred (need_notify stays set; call again later)."""
     if not vq.need_notify:
         return False
+    vq_publish(vq)
     if vq.coalesce_delay_ticks and now - vq.last_notify_tick < vq.coalesce_delay_ticks \
             and vq.inflight_count > 0:
         return True
@@ -250,6 +272,7 @@ cdef void vq_notify_now(vq_t *vq, uint64_t now) noexcept nogil:
     cdef bint signal
     if not vq.need_notify:
         return
+    vq_publish(vq)
     vq.need_notify = 0
     vhd_full_fence()       # the used index must be visible before we read the driver's wishes
     if vq.event_idx:
@@ -327,6 +350,7 @@ cdef int vq_recover_inflight(vq_t *vq) noexcept nogil:
     Returns the number of heads to resubmit, or -1 on allocation failure."""
     cdef inflight_queue_t *q = vq.inflight
     cdef uint16_t used = vhd_load_u16(_used_idx(vq))
+    cdef uint16_t head
     cdef uint32_t i, n = 0
     cdef uint64_t *pairs
     if q == NULL:
@@ -340,8 +364,12 @@ cdef int vq_recover_inflight(vq_t *vq) noexcept nogil:
         vq.inflight_counter = 0
         return 0
     if q.used_idx != used:
-        # We died between publishing the used index and clearing the inflight flag.
-        vq.inflight_desc[q.last_batch_head % vq.size].inflight = 0
+        # We died between publishing a batch of used entries and clearing their inflight flags:
+        # the batch is linked from last_batch_head.
+        head = q.last_batch_head % vq.size
+        for i in range(<uint16_t>(used - q.used_idx)):
+            vq.inflight_desc[head].inflight = 0
+            head = vq.inflight_desc[head].next % vq.size
         q.used_idx = used
     pairs = <uint64_t *>malloc(16 * <size_t>vq.size)
     if pairs == NULL:
@@ -366,8 +394,8 @@ cdef int vq_recover_inflight(vq_t *vq) noexcept nogil:
     free(pairs)
     vq.n_resubmit = <uint16_t>n
     vq.resubmit_pos = 0
-    vq.used_idx = used
-    vq.last_avail_idx = <uint16_t>(used + n)
+    vq.used_idx = vq.published_used = used
+    vq.last_avail_idx = vq.avail_cache = <uint16_t>(used + n)
     return <int>n
 
 
@@ -426,9 +454,10 @@ cdef class VirtQueue:
         vq.avail = <uint16_t *>avail
         vq.used = used
         vq.size = size
-        vq.last_avail_idx = last_avail_idx
-        vq.used_idx = vhd_load_u16(_used_idx(vq))
+        vq.last_avail_idx = vq.avail_cache = last_avail_idx
+        vq.used_idx = vq.published_used = vhd_load_u16(_used_idx(vq))
         vq.signalled_used = vq.used_idx
+        vq.batch_len = 0
         vq.event_idx = event_idx
         vq.indirect = indirect
         vq.broken = 0
