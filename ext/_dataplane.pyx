@@ -18,6 +18,7 @@ include "iov.pxi"
 include "vring.pxi"
 include "blk.pxi"
 include "reactor.pxi"
+include "scsi.pxi"
 include "initiator.pxi"
 
 tick_rate()

@@ -225,6 +225,30 @@ cdef struct vq_stats_t:
 cdef struct task_t
 cdef struct vq_t
 ctypedef void (*vq_handler_t)(vq_t *vq, task_t *task) noexcept nogil
+# A device's own work on a queue, called at every poll of it (check_only: only say whether
+# there is any).  Queues whose device decides when to take buffers (the virtio-scsi event queue)
+# set hold_buffers: vq_poll then never pops on its own.
+ctypedef int (*vq_service_t)(vq_t *vq, bint check_only) noexcept nogil
+
+cdef struct scsi_cmd_t:
+    # Per-command state of a virtio-scsi request, kept across an asynchronous bdev I/O.
+    uint64_t lba             # WRITE SAME: next block to write
+    uint32_t blocks_left     # WRITE SAME: blocks still to write
+    uint32_t data_len        # bytes of the guest's data buffer (data-in or data-out)
+    uint32_t data_done       # bytes transferred
+    uint16_t data_first      # the data buffer: task.iov[data_first : data_first + data_count]
+    uint16_t data_count
+    uint16_t pattern_first   # WRITE SAME: the one-block pattern in task.iov
+    uint16_t pattern_count
+    uint8_t target           # 0xFF: no target counted in flight
+    uint8_t resp_niov        # segments of the response area, saved in task.scratch
+    uint8_t data_in          # the data buffer is device-writable
+    uint8_t in_submit        # WRITE SAME: inside the submit loop (completions just record)
+    uint8_t status           # SCSI status
+    uint8_t response         # virtio-scsi response
+    uint8_t sense_key
+    uint8_t asc
+    uint8_t ascq
 
 cdef struct task_t:
     # One request popped from a virtqueue, from pop to push.  iov holds the chain's buffers in
@@ -244,7 +268,8 @@ cdef struct task_t:
     uint8_t *status          # blk: status byte in guest memory
     bdev_io_t io
     range_t range            # blk discard/write-zeroes, scsi unmap (single range)
-    uint8_t scratch[128]     # device header staging (scsi response)
+    uint8_t scratch[128]     # device scratch (scsi: the response area's iovecs)
+    scsi_cmd_t scsi
     iovec iov[MAX_IOV]
 
 cdef struct vq_t:
@@ -286,6 +311,9 @@ cdef struct vq_t:
     # device
     void *device             # blk_dev_t* / scsi_dev_t*
     vq_handler_t handler
+    vq_service_t service     # or NULL
+    uint32_t hold_buffers    # buffers are popped by service only
+    io_stats_t target_stats[MAX_SCSI_TARGETS]   # scsi: one bdev channel per target
     task_t *tasks            # size entries, indexed by head
     vq_stats_t stats
     io_stats_t io_stats      # bdev channel counters for blk queues
@@ -303,6 +331,45 @@ cdef struct blk_dev_t:
     uint32_t max_discard_sectors
     uint32_t max_write_zeroes_sectors
     char serial[BLK_SERIAL_LEN]
+
+
+# ---------------------------------------------------------------------------------------------
+# virtio-scsi device: up to MAX_SCSI_TARGETS targets with LUN 0 each
+# ---------------------------------------------------------------------------------------------
+cdef enum:
+    SCSI_TARGET_EMPTY = 0
+    SCSI_TARGET_ACTIVE = 1
+    SCSI_TARGET_REMOVING = 2     # no new command reaches the bdev; waiting for in-flight ones
+    SCSI_MAX_EVENTS = 16         # events kept while the driver has no event buffer posted
+    SCSI_MAX_PARKED = 64         # task-management requests waiting for their LUN to go idle
+    SCSI_SERIAL_LEN = 32
+
+cdef struct scsi_target_t:
+    bdev_t *bdev
+    uint32_t state           # SCSI_TARGET_*, stored by the control plane (sequentially consistent)
+    uint32_t inflight        # commands past the target check and not yet completed (atomic)
+    uint8_t uuid[16]         # the bdev's uuid: VPD 0x83 identifiers derive from it
+    uint32_t readonly
+    uint32_t unmap           # the bdev supports unmap (thin provisioning)
+    char serial[SCSI_SERIAL_LEN]   # VPD 0x80, NUL-padded
+    char product[16]               # INQUIRY product identification, space-padded
+
+cdef struct scsi_event_t:
+    uint32_t event
+    uint32_t reason
+    uint8_t lun[8]
+
+cdef struct scsi_dev_t:
+    scsi_target_t targets[MAX_SCSI_TARGETS]
+    # event queue (touched only by the reactor polling queue 1)
+    scsi_event_t events[SCSI_MAX_EVENTS]
+    uint32_t events_head
+    uint32_t events_count
+    uint32_t events_missed   # an event was dropped: the next one carries EVENTS_MISSED
+    uint32_t events_enabled  # the driver acked VIRTIO_SCSI_F_HOTPLUG
+    # control queue (touched only by the reactor polling queue 0)
+    task_t *parked[SCSI_MAX_PARKED]
+    uint32_t nparked
 
 
 # ---------------------------------------------------------------------------------------------

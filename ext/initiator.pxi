@@ -380,21 +380,6 @@ cdef int _vdrv_build_blk(vdrv_queue_t *q, vdrv_slot_t *slot, bdev_io_t *io, vdrv
     return n + 1
 
 
-cdef inline void _put_be16(uint8_t *p, uint16_t v) noexcept nogil:
-    p[0] = <uint8_t>(v >> 8)
-    p[1] = <uint8_t>v
-
-cdef inline void _put_be32(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = <uint8_t>(v >> 24)
-    p[1] = <uint8_t>(v >> 16)
-    p[2] = <uint8_t>(v >> 8)
-    p[3] = <uint8_t>v
-
-cdef inline void _put_be64(uint8_t *p, uint64_t v) noexcept nogil:
-    _put_be32(p, <uint32_t>(v >> 32))
-    _put_be32(p + 4, <uint32_t>v)
-
-
 cdef int _vdrv_build_scsi(vdrv_queue_t *q, vdrv_slot_t *slot, bdev_io_t *io, vdrv_seg_t *segs) noexcept nogil:
     """Segments of a virtio-scsi command: request, data-out | response, data-in.  Count or
     -errno.  READ(16)/WRITE(16), SYNCHRONIZE CACHE(10), UNMAP."""

@@ -99,3 +99,43 @@ cdef int iov_trim_tail(iovec *iov, int n, size_t nbytes) noexcept nogil:
             iov[n - 1].iov_len -= nbytes
             nbytes = 0
     return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte order of wire fields: SCSI CDB and parameter fields are big-endian, virtio fields
+# little-endian
+# ---------------------------------------------------------------------------------------------
+cdef inline uint32_t _be16(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 8) | p[1]
+
+cdef inline uint32_t _be24(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 16) | (<uint32_t>p[1] << 8) | p[2]
+
+cdef inline uint32_t _be32(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+cdef inline uint64_t _be64(const uint8_t *p) noexcept nogil:
+    return (<uint64_t>_be32(p) << 32) | _be32(p + 4)
+
+cdef inline void _put_be16(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 8)
+    p[1] = <uint8_t>v
+
+cdef inline void _put_be32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>(v >> 24)
+    p[1] = <uint8_t>(v >> 16)
+    p[2] = <uint8_t>(v >> 8)
+    p[3] = <uint8_t>v
+
+cdef inline void _put_be64(uint8_t *p, uint64_t v) noexcept nogil:
+    _put_be32(p, <uint32_t>(v >> 32))
+    _put_be32(p + 4, <uint32_t>v)
+
+cdef inline void _put_le32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = <uint8_t>v
+    p[1] = <uint8_t>(v >> 8)
+    p[2] = <uint8_t>(v >> 16)
+    p[3] = <uint8_t>(v >> 24)
+
+cdef inline uint32_t _le32(const uint8_t *p) noexcept nogil:
+    return p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)

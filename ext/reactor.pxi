@@ -313,12 +313,15 @@ cdef class Reactor:
         with nogil:
             reactor_run(self.r)
 
-    cdef MailboxMessage _post(self, uint32_t op, vq_t *vq, int fd, object payload, int fd2=-1):
+    cdef MailboxMessage _post(self, uint32_t op, vq_t *vq, int fd, object payload, int fd2=-1,
+                              reactor_fn_t fn=NULL, void *arg=NULL):
         cdef MailboxMessage m = MailboxMessage()
         m.msg.op = op
         m.msg.vq = vq
         m.msg.fd = fd
         m.msg.fd2 = fd2
+        m.msg.fn = fn
+        m.msg.arg = arg
         m.payload = payload
         with nogil:
             pthread_mutex_lock(self.r.lock)

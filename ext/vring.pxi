@@ -313,6 +313,15 @@ cdef bint vq_enable_kicks(vq_t *vq) noexcept nogil:
 cdef inline bint vq_has_work(vq_t *vq) noexcept nogil:
     if vq.broken or vq.stopping:
         return False
+    if vq.service != NULL and vq.service(vq, True):
+        return True
+    if vq.hold_buffers:
+        return False
+    return vq.resubmit_pos < vq.n_resubmit or vhd_load_u16(_avail_idx(vq)) != vq.last_avail_idx
+
+
+cdef inline bint vq_buffer_available(vq_t *vq) noexcept nogil:
+    """The driver has posted a buffer we have not popped yet."""
     return vq.resubmit_pos < vq.n_resubmit or vhd_load_u16(_avail_idx(vq)) != vq.last_avail_idx
 
 
@@ -321,8 +330,14 @@ cdef int vq_poll(vq_t *vq, int budget) noexcept nogil:
     cdef task_t *task
     cdef int n = 0
     cdef int rc
+    if vq.service != NULL:
+        # Runs while stopping or broken too: it completes what its device holds (the drain of
+        # a stopping queue waits for that); it pops only from a healthy, running queue.
+        n = vq.service(vq, False)
+        if vq.hold_buffers:
+            return n
     if vq.broken or vq.stopping:
-        return 0
+        return n
     while n < budget:
         rc = vq_pop(vq, &task)
         if rc == 0:

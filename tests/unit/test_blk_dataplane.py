@@ -8,17 +8,10 @@ import pytest
 
 from vhostd import _dataplane as dp
 from tests.helpers.ringdriver import GuestRam, SplitRing
+from tests.helpers.waiting import wait_for
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met within %.1f s" % timeout)
-        time.sleep(0.0005)
 
 
 class Rig:

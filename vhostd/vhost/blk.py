@@ -82,7 +82,7 @@ class BlkSessionDevice:
     def write_config(self, offset: int, data: bytes, flags: int) -> bool:
         return False             # nothing in our config space is writable (no CONFIG_WCE)
 
-    def attach_queue(self, index: int, queue: dp.VirtQueue) -> dp.Reactor:
+    def attach_queue(self, index: int, queue: dp.VirtQueue, acked_features: int = 0) -> dp.Reactor:
         self.controller.device.attach(queue)
         queue.set_coalescing(self.controller.delay_base_us, self.controller.iops_threshold)
         return self.controller.reactor_for_queue(index)

@@ -230,7 +230,7 @@ class Connection:
                 os.eventfd_write(vring.err_fd, 1)
             return
         queue.set_fds(_fd(vring.kick_fd), _fd(vring.call_fd), _fd(vring.err_fd))
-        reactor = self.device.attach_queue(index, queue)
+        reactor = self.device.attach_queue(index, queue, self.session.acked_features)
         await self.controller.reactors.wait(reactor, reactor.post_add_queue(queue))
         self.queues[index] = (queue, reactor)
         self.session.queue_started(index)

@@ -14,6 +14,7 @@ from ..dataplane import ReactorSet
 from ..errors import AlreadyExists, InvalidArgument, NotFound, NotSupported
 from .blk import BlkController
 from .controller import Controller
+from .scsi import ScsiController
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,44 @@ class VhostManager:
         log.info("created vhost-blk controller %s on %s (bdev %s)", name, controller.cpumask(), bdev.name)
         return controller
 
+    async def create_scsi(self, name: str, cores: Iterable[int] | None = None,
+                          delay: bool = False) -> ScsiController:
+        """vhost_create_scsi_controller; with delay the socket appears at start_scsi()."""
+        check_controller_name(name, self.socket_dir)
+        if name in self.controllers:
+            raise AlreadyExists("controller %r exists" % name)
+        controller = ScsiController(name, self.socket_dir, self.reactors, self._cores_for(cores),
+                                    socket_mode=self.socket_mode, socket_group=self.socket_group)
+        if not delay:
+            await controller.start()
+        self._register(controller)
+        log.info("created vhost-scsi controller %s on %s%s", name, controller.cpumask(),
+                 " (socket at start)" if delay else "")
+        return controller
+
+    def get_scsi(self, name: str) -> ScsiController:
+        controller = self.get(name)
+        if not isinstance(controller, ScsiController):
+            raise InvalidArgument("controller %s is not a scsi controller" % name)
+        return controller
+
+    async def start_scsi(self, name: str) -> None:
+        """vhost_start_scsi_controller: listen (a no-op when already listening)."""
+        await self.get_scsi(name).start()
+
+    async def add_scsi_target(self, name: str, num: int, bdev_name: str) -> int:
+        """vhost_scsi_controller_add_target: returns the slot used."""
+        controller = self.get_scsi(name)
+        try:
+            bdev = self.find_bdev(bdev_name)
+        except NotFound:
+            raise InvalidArgument("no bdev %r" % bdev_name) from None
+        return await controller.add_target(num, bdev)
+
+    async def remove_scsi_target(self, name: str, num: int) -> None:
+        """vhost_scsi_controller_remove_target: replies once the target is gone."""
+        await self.get_scsi(name).remove_target(num)
+
     async def delete(self, name: str) -> None:
         """vhost_delete_controller: waits until no front-end is connected (as SPDK re-queues the
         request until the controller is idle), then removes it and its socket."""
@@ -106,6 +145,8 @@ class VhostManager:
             if self.controllers.get(name) is not controller:
                 raise NotFound("no controller %r" % name)
         await controller.stop()
+        if isinstance(controller, ScsiController):
+            await controller.remove_all_targets()     # SPDK force-removes them
         self._unregister(controller)
         bdev = getattr(controller, "bdev", None)
         if bdev is not None and hasattr(bdev, "remove_user"):

@@ -18,7 +18,7 @@ import enum
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import protocol as p
 from .features import ProtocolFeature, VirtioFeature, bit
@@ -52,6 +52,12 @@ class DeviceModel(Protocol):
 
     def write_config(self, offset: int, data: bytes, flags: int) -> bool:
         """Apply a SET_CONFIG; False if refused."""
+
+    def attach_queue(self, index: int, queue: Any, acked_features: int) -> Any:
+        """Make the device serve a configured queue; returns the reactor that will poll it."""
+
+    def detach_queue(self, index: int, queue: Any, reactor: Any) -> None:
+        """The queue is no longer polled: release the device's hold on it."""
 
 
 # ---------------------------------------------------------------------------------------------

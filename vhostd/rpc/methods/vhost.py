@@ -26,6 +26,44 @@ async def vhost_create_blk_controller(app, p: P.VhostCreateBlkController):
     return True
 
 
+@rpc_method("vhost_create_scsi_controller", result=bool, params=P.VhostCreateScsiController,
+            aliases=("construct_vhost_scsi_controller",), decode_error=VHOST_DECODE, map_error=vhost_error)
+async def vhost_create_scsi_controller(app, p: P.VhostCreateScsiController):
+    """A vhost-user-scsi controller at SOCKET_DIR/<ctrlr>; with delay the socket is created by
+    vhost_start_scsi_controller (after the targets are added)."""
+    await app.vhost.create_scsi(p.ctrlr, _cores(app, p.cpumask), p.delay)
+    return True
+
+
+@rpc_method("vhost_start_scsi_controller", result=bool, params=P.CtrlrOnly, decode_error=VHOST_DECODE,
+            map_error=vhost_error)
+async def vhost_start_scsi_controller(app, p: P.CtrlrOnly):
+    """Start listening on a controller created with delay (true also when already started)."""
+    await app.vhost.start_scsi(p.ctrlr)
+    return True
+
+
+@rpc_method("vhost_scsi_controller_add_target", result=int, params=P.VhostScsiControllerAddTarget,
+            aliases=("add_vhost_scsi_lun",), decode_error=VHOST_DECODE, map_error=vhost_error)
+async def vhost_scsi_controller_add_target(app, p: P.VhostScsiControllerAddTarget):
+    """A bdev as LUN 0 of target scsi_target_num (-1: the first free slot); returns the slot."""
+    return await app.vhost.add_scsi_target(p.ctrlr, p.scsi_target_num, p.bdev_name)
+
+
+@rpc_method("add_lun", result=int, params=P.AddLun, decode_error=VHOST_DECODE, map_error=vhost_error)
+async def add_lun(app, p: P.AddLun):
+    """The design card's short form of vhost_scsi_controller_add_target."""
+    return await app.vhost.add_scsi_target(p.ctrlr, p.scsi_target_num, p.bdev_name)
+
+
+@rpc_method("vhost_scsi_controller_remove_target", result=bool, params=P.VhostScsiControllerRemoveTarget,
+            aliases=("remove_vhost_scsi_target",), decode_error=VHOST_DECODE, map_error=vhost_error)
+async def vhost_scsi_controller_remove_target(app, p: P.VhostScsiControllerRemoveTarget):
+    """Remove a target; the reply comes after in-flight commands finished and the bdev is free."""
+    await app.vhost.remove_scsi_target(p.ctrlr, p.scsi_target_num)
+    return True
+
+
 @rpc_method("vhost_delete_controller", result=bool, params=P.CtrlrOnly, aliases=("remove_vhost_controller",),
             decode_error=VHOST_DECODE, map_error=vhost_error)
 async def vhost_delete_controller(app, p: P.CtrlrOnly):
@@ -60,10 +98,30 @@ def _blk_config(app) -> list:
         entries.append({"method": "vhost_create_blk_controller", "params": {
             "ctrlr": c.name, "dev_name": c.bdev.name if c.bdev is not None else "",
             "cpumask": c.cpumask()[2:], "readonly": c.readonly, "transport": c.transport}})
-        if c.delay_base_us:
-            entries.append({"method": "vhost_controller_set_coalescing", "params": {
-                "ctrlr": c.name, "delay_base_us": c.delay_base_us, "iops_threshold": c.iops_threshold}})
+        entries.extend(_coalescing_entry(c))
     return entries
 
 
+def _coalescing_entry(c) -> list:
+    if not c.delay_base_us:
+        return []
+    return [{"method": "vhost_controller_set_coalescing", "params": {
+        "ctrlr": c.name, "delay_base_us": c.delay_base_us, "iops_threshold": c.iops_threshold}}]
+
+
+def _scsi_config(app) -> list:
+    entries = []
+    for c in app.vhost.of_kind("scsi"):
+        entries.append({"method": "vhost_create_scsi_controller", "params": {
+            "ctrlr": c.name, "cpumask": c.cpumask()[2:], "delay": True}})
+        for num in sorted(c.targets):
+            entries.append({"method": "vhost_scsi_controller_add_target", "params": {
+                "ctrlr": c.name, "scsi_target_num": num, "bdev_name": c.targets[num].bdev.name}})
+        entries.append({"method": "vhost_start_scsi_controller", "params": {"ctrlr": c.name}})
+        entries.extend(_coalescing_entry(c))
+    return entries
+
+
+REGISTRY.subsystem("scsi", depends_on=("bdev",), config_writer=None)
+REGISTRY.subsystem("vhost_scsi", depends_on=("scsi",), config_writer=_scsi_config)
 REGISTRY.subsystem("vhost_blk", depends_on=("bdev",), config_writer=_blk_config)
