@@ -1181,7 +1181,8 @@ cdef class ScsiDevice:
         memset(m.msg.event.lun, 0, 8)
         m.msg.event.lun[0] = 1
         m.msg.event.lun[1] = <uint8_t>target
-        m.msg.event.lun[2] = 0x40
+        # LUN 0 in REPORT LUNS encoding (no 0x40 flat-space bit): Linux adds the device at
+        # (lun[2] << 8 | lun[3]), so a flat-space 0x4000 would be past its max_lun.
         return reactor._post(MB_CALL, NULL, -1, m, -1, _scsi_queue_event, &m.msg)
 
     def attach(self, VirtQueue queue):

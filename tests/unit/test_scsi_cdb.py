@@ -499,7 +499,7 @@ def test_events_wait_for_buffers_and_overflow_sets_events_missed(rig):
     assert r.post_event(1, 1, 3) == 0              # no buffer posted yet: kept
     bufs = post_event_buffers(r, 1)
     r.wait_used(1)
-    assert struct.unpack("<I8sI", r.ram.read(bufs[0], 16)) == (1, bytes([1, 3, 0x40, 0, 0, 0, 0, 0]), 1)
+    assert struct.unpack("<I8sI", r.ram.read(bufs[0], 16)) == (1, bytes([1, 3, 0, 0, 0, 0, 0, 0]), 1)
     results = [r.post_event(1, 2, i % 8) for i in range(17)]
     assert results[:16] == [0] * 16 and results[16] < 0
     bufs = post_event_buffers(r, 16)

@@ -1,0 +1,125 @@
+"""A real QEMU guest on vhost-user-scsi-pci served by a running vhostd: targets become sd disks with
+the sizes, block sizes and identity the emulation reports, data goes through, and targets added or
+removed with RPC while the guest runs appear and disappear without a rescan command."""
+
+from __future__ import annotations
+
+import pytest
+
+from guest import VhostUserDevice
+from tests.helpers.daemon import Daemon
+
+pytestmark = pytest.mark.e2e
+
+# (host, channel, target, lun) directory of each SCSI device and the disk under it
+LIST_DISKS = ('for d in /sys/bus/scsi/devices/*:*:*:*; do [ -d "$d/block" ] && '
+              'echo "${d##*/} $(ls $d/block)"; done; true')
+
+
+@pytest.fixture
+def vhostd(socket_dir):
+    daemons = []
+
+    def start(*args, **kw):
+        workdir = socket_dir / ("d%d" % len(daemons))
+        workdir.mkdir()
+        d = Daemon(*args, workdir=str(workdir), **kw)
+        daemons.append(d)
+        return d.start()
+
+    yield start
+    for d in daemons:
+        d.stop()
+        print(d.log())
+        d.cleanup()
+
+
+def disks_by_target(guest) -> dict[int, str]:
+    """SCSI target number -> sd device name, as the guest sees them."""
+    out = {}
+    for line in guest.check(LIST_DISKS).splitlines():
+        hctl, name = line.split()
+        out[int(hctl.split(":")[2])] = name
+    return out
+
+
+def test_guest_sees_scsi_targets_with_their_geometry_and_identity(vhostd, boot_guest, tmp_path):
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    d = vhostd()
+    d.spdk("bdev_malloc_create", "-b", "Malloc0", "64", "512")
+    d.spdk("bdev_aio_create", str(image), "File0")
+    d.spdk("bdev_malloc_create", "-b", "Malloc4k", "16", "4096")
+    d.spdk("vhost_create_scsi_controller", "vhost.0")
+    d.spdk("vhost_scsi_controller_add_target", "vhost.0", "0", "Malloc0")
+    d.spdk("vhost_scsi_controller_add_target", "vhost.0", "1", "File0")
+    d.spdk("vhost_scsi_controller_add_target", "vhost.0", "3", "Malloc4k")
+    guest = boot_guest(devices=[VhostUserDevice("scsi", d.socket_dir / "vhost.0")])
+    disks = disks_by_target(guest)
+    assert sorted(disks) == [0, 1, 3]
+    sizes = guest.block_device_sizes()
+    assert sizes[disks[0]] == 64 << 20 and sizes[disks[1]] == 32 << 20 and sizes[disks[3]] == 16 << 20
+    sys0, sys3 = "/sys/block/%s" % disks[0], "/sys/block/%s" % disks[3]
+    assert guest.read_sysfs(sys0 + "/device/vendor").strip() == "VHOSTD"
+    assert guest.read_sysfs(sys0 + "/device/model").strip() == "Malloc disk"
+    assert guest.read_sysfs(sys0 + "/queue/rotational") == "0"
+    assert guest.read_sysfs(sys0 + "/queue/logical_block_size") == "512"
+    assert guest.read_sysfs(sys3 + "/queue/logical_block_size") == "4096"
+    assert int(guest.read_sysfs(sys0 + "/queue/discard_max_bytes")) > 0
+    assert guest.read_sysfs("/sys/class/scsi_disk/0:0:0:0/provisioning_mode") == "unmap"
+    assert guest.read_sysfs("/sys/class/scsi_disk/0:0:0:0/cache_type") == "write back"
+    a, b = "/dev/" + disks[0], "/dev/" + disks[1]
+    guest.check(f"seq 1000000 1524287 > /tmp/pattern"
+                f" && dd if=/tmp/pattern of={a} bs=1M seek=8 conv=fsync 2>/dev/null"
+                f" && dd if=/tmp/pattern of={b} bs=1M seek=4 conv=fsync 2>/dev/null"
+                f" && dd if=/tmp/pattern of=/dev/{disks[3]} bs=1M seek=2 oflag=direct 2>/dev/null"
+                " && echo 3 > /proc/sys/vm/drop_caches")
+    sums = guest.check(f"md5sum < /tmp/pattern; dd if={a} bs=1M skip=8 count=4 2>/dev/null | md5sum;"
+                       f" dd if={b} bs=1M skip=4 count=4 2>/dev/null | md5sum;"
+                       f" dd if=/dev/{disks[3]} bs=1M skip=2 count=4 2>/dev/null | md5sum").splitlines()
+    assert sums[0] == sums[1] == sums[2] == sums[3]
+    guest.check(f"blkdiscard -o 0 -l 1048576 {a}")
+    assert guest.check(f"dd if={a} bs=1M count=1 2>/dev/null | md5sum").split()[0] == \
+        guest.check("dd if=/dev/zero bs=1M count=1 2>/dev/null | md5sum").split()[0]
+    assert guest.poweroff() == 0
+    data = image.read_bytes()
+    assert data[4 << 20:8 << 20] == b"".join(b"%d\n" % i for i in range(1000000, 1524288))
+    stat = {s["name"]: s for s in d.spdk("bdev_get_iostat")["bdevs"]}
+    assert stat["File0"]["bytes_written"] >= 4 << 20 and stat["Malloc0"]["num_unmap_ops"] >= 1
+
+
+def test_targets_added_and_removed_while_the_guest_runs(vhostd, boot_guest):
+    d = vhostd()
+    d.spdk("bdev_malloc_create", "-b", "Malloc0", "32", "512")
+    d.spdk("bdev_malloc_create", "-b", "Malloc1", "16", "512")
+    d.spdk("bdev_malloc_create", "-b", "Malloc2", "8", "4096")
+    d.spdk("vhost_create_scsi_controller", "vhost.0")
+    d.spdk("vhost_scsi_controller_add_target", "vhost.0", "0", "Malloc0")
+    d.spdk("vhost_scsi_controller_add_target", "vhost.0", "1", "Malloc1")
+    guest = boot_guest(devices=[VhostUserDevice("scsi", d.socket_dir / "vhost.0")])
+    disks = disks_by_target(guest)
+    assert sorted(disks) == [0, 1]
+    a = "/dev/" + disks[0]
+    # A writer on target 0 runs across the hot-plug events.
+    guest.check(f"seq 1 400000 > /tmp/p; (for i in 0 1 2 3 4 5 6; do dd if=/tmp/p of={a} bs=64k "
+                f"seek=$((i * 64)) conv=fsync 2>/dev/null || echo WRITE-FAILED; done > /tmp/w.log 2>&1) &"
+                " echo $! > /tmp/w.pid")
+    assert d.spdk("vhost_scsi_controller_add_target", "vhost.0", "4", "Malloc2") == 4
+    guest.wait_for_path("/sys/bus/scsi/devices/0:0:4:0/block", timeout_s=60)
+    disks = disks_by_target(guest)
+    assert guest.read_sysfs("/sys/block/%s/queue/logical_block_size" % disks[4]) == "4096"
+    assert guest.block_device_sizes()[disks[4]] == 8 << 20
+    guest.check(f"echo hello | dd of=/dev/{disks[4]} bs=4096 conv=sync,fsync 2>/dev/null")
+    d.spdk("vhost_scsi_controller_remove_target", "vhost.0", "1")
+    gone = f"/sys/bus/scsi/devices/0:0:1:0"
+    guest.check(f"i=0; while [ -e {gone} ]; do i=$((i+1)); [ $i -gt 600 ] && exit 1; usleep 100000; done")
+    assert sorted(disks_by_target(guest)) == [0, 4]
+    guest.check("while kill -0 $(cat /tmp/w.pid) 2>/dev/null; do usleep 100000; done", timeout_s=120)
+    assert "WRITE-FAILED" not in guest.check("cat /tmp/w.log")
+    assert guest.check(f"dd if={a} bs=64k skip=64 count=1 2>/dev/null | head -c 7") == "1\n2\n3\n4"[:7]
+    assert "I/O error" not in guest.dmesg().replace(disks[1], "")
+    d.spdk("bdev_malloc_delete", "Malloc1")          # released by the removal
+    (info,) = d.spdk("vhost_get_controllers")
+    assert [t["scsi_dev_num"] for t in info["backend_specific"]["scsi"]] == [0, 4]
+    assert guest.poweroff() == 0
