@@ -361,6 +361,7 @@ cdef struct reactor_t:
     uint32_t nqueues
     io_ctx_t io
     uint64_t idle_sleep_ticks   # idle spell after which the reactor sleeps
+    uint64_t sleeping_since     # tick the current sleep began, 0 while awake (stats readers)
     reactor_stats_t stats
 
 

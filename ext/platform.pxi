@@ -37,6 +37,8 @@ cdef extern from *:
     static inline void vhd_store_u16(uint16_t *p, uint16_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline uint32_t vhd_load_u32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void vhd_store_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline uint64_t vhd_load_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void vhd_store_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline int64_t vhd_fetch_add_i64(int64_t *p, int64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
     static inline int vhd_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired) {
         return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
@@ -59,6 +61,8 @@ cdef extern from *:
     void vhd_store_u16(uint16_t *p, uint16_t v) nogil
     uint32_t vhd_load_u32(const uint32_t *p) nogil
     void vhd_store_u32(uint32_t *p, uint32_t v) nogil
+    uint64_t vhd_load_u64(const uint64_t *p) nogil
+    void vhd_store_u64(uint64_t *p, uint64_t v) nogil
     int64_t vhd_fetch_add_i64(int64_t *p, int64_t v) nogil
     int vhd_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired) nogil
     void vhd_store_ptr(void **p, void *v) nogil

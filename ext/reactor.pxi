@@ -165,8 +165,11 @@ cdef bint _try_sleep(reactor_t *r) noexcept nogil:
     timeout_ms = 1 if r.io.queued_head != NULL else -1
     r.stats.sleeps += 1
     t0 = vhd_ticks()
+    vhd_store_u64(&r.sleeping_since, t0)
     n = epoll_wait(r.epoll_fd, events, EPOLL_BATCH, timeout_ms)
-    r.stats.idle_ticks += vhd_ticks() - t0
+    # Cleared before idle_ticks grows: a reader that sees both values of one sleep adds it once.
+    vhd_store_u64(&r.sleeping_since, 0)
+    vhd_store_u64(&r.stats.idle_ticks, r.stats.idle_ticks + vhd_ticks() - t0)
     r.stats.wakeups += 1
     for k in range(n if n > 0 else 0):
         if events[k].data.u64 == WAKE_TAG:
@@ -382,9 +385,18 @@ cdef class Reactor:
 
     def stats(self):
         """busy/idle ticks, poll passes, sleeps, wakeups, interrupts sent and held back by
-        coalescing, attached queue count."""
+        coalescing, attached queue count.  Idle time includes the current sleep so far."""
         cdef reactor_stats_t s = self.r.stats
-        return {"busy_ticks": s.busy_ticks, "idle_ticks": s.idle_ticks,
+        cdef uint64_t since, idle, now
+        while True:
+            since = vhd_load_u64(&self.r.sleeping_since)
+            idle = vhd_load_u64(&self.r.stats.idle_ticks)
+            if vhd_load_u64(&self.r.sleeping_since) == since:
+                break
+        now = vhd_ticks()
+        if since and now > since:
+            idle += now - since
+        return {"busy_ticks": s.busy_ticks, "idle_ticks": idle,
                 "poll_passes": s.poll_passes, "sleeps": s.sleeps, "wakeups": s.wakeups,
                 "notifications": s.notifications, "coalesced": s.coalesced,
                 "queues": self.r.nqueues}
