@@ -217,7 +217,8 @@ cdef struct vq_stats_t:
     uint64_t errors          # requests completed with an error status
     uint64_t bad_chains      # descriptor chains rejected (bad address, loop, layout)
     uint64_t notifications   # call eventfd writes
-    uint64_t suppressed      # completions whose interrupt was coalesced or suppressed
+    uint64_t suppressed      # interrupt decisions the driver did not want (EVENT_IDX, NO_INTERRUPT)
+    uint64_t coalesced       # passes whose completions coalescing held back for a later interrupt
     uint64_t kicks           # kick eventfd wake-ups
     uint64_t latency_ticks
     uint64_t lat_hist[LAT_BUCKETS]
@@ -292,10 +293,16 @@ cdef struct vq_t:
     int kick_fd
     int call_fd
     int err_fd               # signalled when the ring is found broken
-    # coalescing (vhost_controller_set_coalescing)
-    uint32_t coalesce_delay_ticks
-    uint64_t coalesce_iops_threshold
+    # coalescing (vhost_controller_set_coalescing): the gap between two interrupts adapts to the
+    # request rate measured over windows of coalesce_window_ticks
+    uint64_t coalesce_base_ticks     # delay_base_us in ticks; 0 = off
+    uint64_t coalesce_threshold      # requests per window above which interrupts are spaced
+    uint64_t coalesce_window_ticks
+    uint64_t coalesce_delay_ticks    # current gap: base × (rate − threshold) / threshold
+    uint64_t window_start_tick
+    uint64_t window_start_requests   # stats.requests at window_start_tick
     uint64_t last_notify_tick
+    uint16_t coalesced_used          # used_idx when coalescing last held completions back
     # inflight tracking region (GET/SET_INFLIGHT_FD), or NULL
     inflight_queue_t *inflight
     inflight_desc_t *inflight_desc
@@ -421,6 +428,7 @@ cdef struct reactor_t:
     uint32_t nqueues
     io_ctx_t io
     uint64_t idle_sleep_ticks   # idle spell after which the reactor sleeps
+    uint64_t sleeping_since     # tick the current sleep began, 0 while awake (stats readers)
     reactor_stats_t stats
 
 
@@ -475,6 +483,7 @@ cdef struct vdrv_queue_stats_t:
     uint64_t kicks           # kick eventfd writes
     uint64_t kicks_suppressed
     uint64_t waits           # sleeps on the call eventfd
+    uint64_t interrupts      # call eventfd signals received (counted when drained)
     uint64_t bounced
 
 cdef struct vdrv_queue_t:

@@ -588,7 +588,7 @@ cdef int vdrv_wait(vdrv_queue_t **queues, uint32_t nqueues, int timeout_ms) noex
     for i in range(nqueues):
         if queues[i].call_fd >= 0:
             queues[i].stats.waits += 1
-            eventfd_drain(queues[i].call_fd)
+            queues[i].stats.interrupts += eventfd_drain(queues[i].call_fd)
     return rc
 
 
@@ -1053,7 +1053,7 @@ cdef class DriverQueue:
         cdef vdrv_queue_stats_t s = self.c().stats
         return {"submitted": s.submitted, "completed": s.completed, "publishes": s.publishes,
                 "kicks": s.kicks, "kicks_suppressed": s.kicks_suppressed, "waits": s.waits,
-                "bounced": s.bounced}
+                "interrupts": s.interrupts, "bounced": s.bounced}
 
     # -- requests built by the caller ------------------------------------------------------
     def add_chain(self, segments, indirect=None):

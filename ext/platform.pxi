@@ -37,6 +37,8 @@ cdef extern from *:
     static inline void vhd_store_u16(uint16_t *p, uint16_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline uint32_t vhd_load_u32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void vhd_store_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline uint64_t vhd_load_u64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void vhd_store_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline int64_t vhd_fetch_add_i64(int64_t *p, int64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
     /* Sequentially consistent: a SCSI command counts itself in flight, then checks its target is
        still there; the control plane marks the target removing, then waits for the count. */
@@ -67,6 +69,8 @@ cdef extern from *:
     uint32_t vhd_load_u32_sc(const uint32_t *p) nogil
     void vhd_store_u32_sc(uint32_t *p, uint32_t v) nogil
     void vhd_store_u32(uint32_t *p, uint32_t v) nogil
+    uint64_t vhd_load_u64(const uint64_t *p) nogil
+    void vhd_store_u64(uint64_t *p, uint64_t v) nogil
     int64_t vhd_fetch_add_i64(int64_t *p, int64_t v) nogil
     int vhd_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired) nogil
     void vhd_store_ptr(void **p, void *v) nogil

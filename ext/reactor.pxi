@@ -74,7 +74,8 @@ cdef int32_t _add_queue(reactor_t *r, vq_t *vq) noexcept nogil:
 
 cdef void _detach_queue(reactor_t *r, vq_t *vq) noexcept nogil:
     cdef uint32_t i
-    vq_notify_now(vq, vhd_ticks())         # the last completions' interrupt, uncoalesced
+    if vq_notify_now(vq, vhd_ticks()):     # the last completions' interrupt, uncoalesced
+        r.stats.notifications += 1
     _epoll_unwatch(r, vq.kick_fd)
     for i in range(r.nqueues):
         if r.queues[i] == vq:
@@ -153,7 +154,8 @@ cdef bint _try_sleep(reactor_t *r) noexcept nogil:
         vq = r.queues[i]
         if vq.kick_fd < 0 and not vq.broken:
             return False      # a driver that never kicks must be polled
-        vq_notify_now(vq, vhd_ticks())     # no interrupt waits for coalescing while we sleep
+        if vq_notify_now(vq, vhd_ticks()):     # no interrupt waits for coalescing while we sleep
+            r.stats.notifications += 1
     for i in range(r.nqueues):
         if vq_enable_kicks(r.queues[i]):
             for k in range(i + 1):
@@ -163,8 +165,11 @@ cdef bint _try_sleep(reactor_t *r) noexcept nogil:
     timeout_ms = 1 if r.io.queued_head != NULL else -1
     r.stats.sleeps += 1
     t0 = vhd_ticks()
+    vhd_store_u64(&r.sleeping_since, t0)
     n = epoll_wait(r.epoll_fd, events, EPOLL_BATCH, timeout_ms)
-    r.stats.idle_ticks += vhd_ticks() - t0
+    # Cleared before idle_ticks grows: a reader that sees both values of one sleep adds it once.
+    vhd_store_u64(&r.sleeping_since, 0)
+    vhd_store_u64(&r.stats.idle_ticks, r.stats.idle_ticks + vhd_ticks() - t0)
     r.stats.wakeups += 1
     for k in range(n if n > 0 else 0):
         if events[k].data.u64 == WAKE_TAG:
@@ -184,7 +189,7 @@ cdef void reactor_run(reactor_t *r) noexcept nogil:
     """The reactor loop; returns after an MB_STOP message."""
     cdef uint64_t now, start, last_work
     cdef uint32_t i
-    cdef int work
+    cdef int work, notified
     cdef vq_t *vq
     vhd_store_u32(&r.thread_alive, 1)
     vhd_clock_cache(1)
@@ -201,7 +206,11 @@ cdef void reactor_run(reactor_t *r) noexcept nogil:
         for i in range(r.nqueues):
             vq = r.queues[i]
             if vq.need_notify:
-                vq_notify(vq, now)
+                notified = vq_notify(vq, now)
+                if notified > 0:
+                    r.stats.notifications += 1
+                elif notified < 0:
+                    r.stats.coalesced += 1
         if r.draining != NULL:
             work += _finish_drains(r)
         r.stats.poll_passes += 1
@@ -378,10 +387,21 @@ cdef class Reactor:
                 self.thread = None
 
     def stats(self):
-        """busy/idle ticks, poll passes, sleeps, wakeups, attached queue count."""
+        """busy/idle ticks, poll passes, sleeps, wakeups, interrupts sent and held back by
+        coalescing, attached queue count.  Idle time includes the current sleep so far."""
         cdef reactor_stats_t s = self.r.stats
-        return {"busy_ticks": s.busy_ticks, "idle_ticks": s.idle_ticks,
+        cdef uint64_t since, idle, now
+        while True:
+            since = vhd_load_u64(&self.r.sleeping_since)
+            idle = vhd_load_u64(&self.r.stats.idle_ticks)
+            if vhd_load_u64(&self.r.sleeping_since) == since:
+                break
+        now = vhd_ticks()
+        if since and now > since:
+            idle += now - since
+        return {"busy_ticks": s.busy_ticks, "idle_ticks": idle,
                 "poll_passes": s.poll_passes, "sleeps": s.sleeps, "wakeups": s.wakeups,
+                "notifications": s.notifications, "coalesced": s.coalesced,
                 "queues": self.r.nqueues}
 
     def __dealloc__(self):

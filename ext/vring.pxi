@@ -252,40 +252,85 @@ cdef inline bint _need_event(uint16_t event, uint16_t new, uint16_t old) noexcep
     return <uint16_t>(new - event - 1) < <uint16_t>(new - old)
 
 
-cdef bint vq_notify(vq_t *vq, uint64_t now) noexcept nogil:
-    """Send the interrupt the entries pushed since the last decision earned, unless coalescing
-    defers it: within the coalescing delay of the previous interrupt, while requests are still in
-    flight.  Returns True if deferred (need_notify stays set; call again later)."""
-    if not vq.need_notify:
-        return False
-    vq_publish(vq)
-    if vq.coalesce_delay_ticks and now - vq.last_notify_tick < vq.coalesce_delay_ticks \
-            and vq.inflight_count > 0:
-        return True
-    vq_notify_now(vq, now)
-    return False
+cdef enum:
+    COALESCE_WINDOW_MS = 10       # the request rate is measured over windows this long (as SPDK)
+    COALESCE_MAX_WINDOWS = 100    # the gap between interrupts never exceeds 100 windows (1 s)
 
 
-cdef void vq_notify_now(vq_t *vq, uint64_t now) noexcept nogil:
-    """Decide whether the driver wants an interrupt for the entries pushed since the last
-    decision (EVENT_IDX or NO_INTERRUPT), and send it."""
-    cdef bint signal
-    if not vq.need_notify:
-        return
-    vq_publish(vq)
-    vq.need_notify = 0
+cdef inline bint _driver_wants_interrupt(vq_t *vq) noexcept nogil:
+    """Whether the driver asked for an interrupt for the entries pushed since the last decision
+    (EVENT_IDX: used_event crossed; otherwise NO_INTERRUPT clear).  used.idx is published."""
     vhd_full_fence()       # the used index must be visible before we read the driver's wishes
     if vq.event_idx:
-        signal = _need_event(_used_event(vq), vq.used_idx, vq.signalled_used)
-    else:
-        signal = not (vhd_load_u16(&vq.avail[0]) & VRING_AVAIL_F_NO_INTERRUPT)
+        return _need_event(_used_event(vq), vq.used_idx, vq.signalled_used)
+    return not (vhd_load_u16(&vq.avail[0]) & VRING_AVAIL_F_NO_INTERRUPT)
+
+
+cdef bint _notify_decided(vq_t *vq, uint64_t now, bint wanted) noexcept nogil:
+    vq.need_notify = 0
     vq.signalled_used = vq.used_idx
-    if signal and vq.call_fd >= 0:
+    if wanted and vq.call_fd >= 0:
         eventfd_signal(vq.call_fd)
         vq.stats.notifications += 1
         vq.last_notify_tick = now
+        return True
+    vq.stats.suppressed += 1
+    return False
+
+
+cdef void _coalesce_measure(vq_t *vq, uint64_t now) noexcept nogil:
+    """Once per rate window, set the gap between interrupts from the requests completed in it:
+    base × (rate − threshold) / threshold above the threshold, as SPDK's vhost does, and none at
+    or below it (SPDK keeps the last gap there; we drop it so a queue that calmed down is not
+    held back)."""
+    cdef uint64_t elapsed = now - vq.window_start_tick
+    cdef uint64_t count, delay = 0
+    if elapsed < vq.coalesce_window_ticks:
+        return
+    # Called at every pass that pushed entries the driver wants an interrupt for: a window
+    # stretched past two lengths means a whole window without any, a quiet queue whose next
+    # interrupts go out at once.
+    if elapsed >= 2 * vq.coalesce_window_ticks:
+        count = 0
     else:
-        vq.stats.suppressed += 1
+        count = (vq.stats.requests - vq.window_start_requests) * vq.coalesce_window_ticks // elapsed
+    if vq.coalesce_threshold and count > vq.coalesce_threshold:
+        delay = vq.coalesce_base_ticks * (count - vq.coalesce_threshold) // vq.coalesce_threshold
+        if delay > vq.coalesce_window_ticks * COALESCE_MAX_WINDOWS:
+            delay = vq.coalesce_window_ticks * COALESCE_MAX_WINDOWS
+    vq.coalesce_delay_ticks = delay
+    vq.window_start_tick = now
+    vq.window_start_requests = vq.stats.requests
+
+
+cdef int vq_notify(vq_t *vq, uint64_t now) noexcept nogil:
+    """Send the interrupt the entries pushed since the last decision earned, unless coalescing
+    holds it back: the driver wants it but the previous interrupt went out less than the
+    current gap ago.  Returns 1 if an interrupt was sent, -1 if newly pushed entries were held
+    back (need_notify stays set: call again at a later pass), 0 otherwise."""
+    cdef bint wanted
+    if not vq.need_notify:
+        return 0
+    vq_publish(vq)
+    wanted = _driver_wants_interrupt(vq)
+    if wanted and vq.coalesce_base_ticks:
+        _coalesce_measure(vq, now)
+        if now - vq.last_notify_tick < vq.coalesce_delay_ticks:
+            if vq.coalesced_used == vq.used_idx:
+                return 0
+            vq.coalesced_used = vq.used_idx
+            vq.stats.coalesced += 1
+            return -1
+    return 1 if _notify_decided(vq, now, wanted) else 0
+
+
+cdef bint vq_notify_now(vq_t *vq, uint64_t now) noexcept nogil:
+    """Decide at once whether the driver wants an interrupt for the entries pushed since the
+    last decision (EVENT_IDX or NO_INTERRUPT), and send it; no coalescing.  True if sent."""
+    if not vq.need_notify:
+        return False
+    vq_publish(vq)
+    return _notify_decided(vq, now, _driver_wants_interrupt(vq))
 
 
 cdef void vq_disable_kicks(vq_t *vq) noexcept nogil:
@@ -471,7 +516,7 @@ cdef class VirtQueue:
         vq.size = size
         vq.last_avail_idx = vq.avail_cache = last_avail_idx
         vq.used_idx = vq.published_used = vhd_load_u16(_used_idx(vq))
-        vq.signalled_used = vq.used_idx
+        vq.signalled_used = vq.coalesced_used = vq.used_idx
         vq.batch_len = 0
         vq.event_idx = event_idx
         vq.indirect = indirect
@@ -513,11 +558,23 @@ cdef class VirtQueue:
         self.vq.call_fd = call_fd
         self.vq.err_fd = err_fd
 
-    def set_coalescing(self, uint32_t delay_us, uint64_t iops_threshold):
-        """Interrupt coalescing: completions within delay_us of the last interrupt wait while
-        requests are still in flight (0 disables)."""
-        self.vq.coalesce_delay_ticks = <uint32_t>(delay_us * tick_rate() // 1000000)
-        self.vq.coalesce_iops_threshold = iops_threshold
+    def set_coalescing(self, uint32_t delay_base_us, uint32_t iops_threshold):
+        """Interrupt coalescing as SPDK's vhost_controller_set_coalescing: while the queue
+        completes more than iops_threshold requests per second, interrupts are spaced by
+        delay_base_us × (rate − threshold) / threshold; at or below it they go out at once.
+        delay_base_us 0 disables.  The control plane may call it while a reactor polls the
+        queue: each field is one aligned word, so a pass sees at worst a mix of old and new
+        settings, which only changes when one interrupt goes out."""
+        cdef vq_t *vq = self.vq
+        cdef uint64_t rate = tick_rate()
+        if iops_threshold * COALESCE_WINDOW_MS < 1000:
+            raise ValueError("iops_threshold must be at least %d" % (1000 // COALESCE_WINDOW_MS))
+        vq.coalesce_base_ticks = <uint64_t>delay_base_us * rate // 1000000
+        vq.coalesce_threshold = <uint64_t>iops_threshold * COALESCE_WINDOW_MS // 1000
+        vq.coalesce_window_ticks = rate * COALESCE_WINDOW_MS // 1000
+        vq.coalesce_delay_ticks = 0
+        vq.window_start_tick = vhd_ticks()
+        vq.window_start_requests = vq.stats.requests
 
     @property
     def index(self):
@@ -555,7 +612,8 @@ cdef class VirtQueue:
             "requests": s.requests, "read_ops": s.read_ops, "write_ops": s.write_ops,
             "other_ops": s.other_ops, "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
             "errors": s.errors, "bad_chains": s.bad_chains, "notifications": s.notifications,
-            "suppressed": s.suppressed, "kicks": s.kicks, "latency_ticks": s.latency_ticks,
+            "suppressed": s.suppressed, "coalesced": s.coalesced, "kicks": s.kicks,
+            "latency_ticks": s.latency_ticks,
             "latency_histogram": [s.lat_hist[i] for i in range(LAT_BUCKETS)],
         }
         return result

@@ -68,7 +68,11 @@ class _DataPlaneCollector:
         bad = CounterMetricFamily("vhostd_queue_bad_chains", "Descriptor chains rejected", labels=labels)
         notify = CounterMetricFamily("vhostd_queue_notifications", "Interrupts sent to the guest", labels=labels)
         suppressed = CounterMetricFamily("vhostd_queue_suppressed_notifications",
-                                         "Completions whose interrupt was coalesced or not wanted", labels=labels)
+                                         "Interrupt decisions the driver did not want (EVENT_IDX, NO_INTERRUPT)",
+                                         labels=labels)
+        coalesced = CounterMetricFamily("vhostd_queue_coalesced_notifications",
+                                        "Passes whose completions coalescing held back for a later interrupt",
+                                        labels=labels)
         kicks = CounterMetricFamily("vhostd_queue_kicks", "Guest kicks that woke a sleeping reactor", labels=labels)
         latency = HistogramMetricFamily("vhostd_queue_latency_seconds",
                                         "Request latency from pop to push", labels=labels)
@@ -86,6 +90,7 @@ class _DataPlaneCollector:
                 bad.add_metric(key, q["bad_chains"])
                 notify.add_metric(key, q["notifications"])
                 suppressed.add_metric(key, q["suppressed"])
+                coalesced.add_metric(key, q["coalesced"])
                 kicks.add_metric(key, q["kicks"])
                 buckets, total = [], 0
                 for b, count in enumerate(q["latency_histogram"]):
@@ -93,7 +98,7 @@ class _DataPlaneCollector:
                     buckets.append(("%.9g" % ((2 ** (b + 1)) / rate), total))
                 buckets.append(("+Inf", total))
                 latency.add_metric(key, buckets, q["latency_ticks"] / rate)
-        yield from (requests, ops, nbytes, errors, bad, notify, suppressed, kicks, latency)
+        yield from (requests, ops, nbytes, errors, bad, notify, suppressed, coalesced, kicks, latency)
 
     def _reactors(self):
         busy = CounterMetricFamily("vhostd_reactor_busy_seconds", "Time reactors spent on work", labels=["lcore"])
@@ -102,6 +107,9 @@ class _DataPlaneCollector:
         passes = CounterMetricFamily("vhostd_reactor_poll_passes", "Poll passes", labels=["lcore"])
         sleeps = CounterMetricFamily("vhostd_reactor_sleeps", "Times a reactor went to sleep", labels=["lcore"])
         wakeups = CounterMetricFamily("vhostd_reactor_wakeups", "Times a sleeping reactor woke", labels=["lcore"])
+        notify = CounterMetricFamily("vhostd_reactor_notifications", "Interrupts reactors sent", labels=["lcore"])
+        coalesced = CounterMetricFamily("vhostd_reactor_coalesced_notifications",
+                                        "Passes whose completions coalescing held back", labels=["lcore"])
         queues = GaugeMetricFamily("vhostd_reactor_queues", "Virtqueues a reactor polls", labels=["lcore"])
         rate = self.app.tick_rate
         for r in self.app.reactors.reactors:
@@ -112,5 +120,7 @@ class _DataPlaneCollector:
             passes.add_metric(key, s["poll_passes"])
             sleeps.add_metric(key, s["sleeps"])
             wakeups.add_metric(key, s["wakeups"])
+            notify.add_metric(key, s["notifications"])
+            coalesced.add_metric(key, s["coalesced"])
             queues.add_metric(key, s["queues"])
-        yield from (busy, idle, passes, sleeps, wakeups, queues)
+        yield from (busy, idle, passes, sleeps, wakeups, notify, coalesced, queues)
