@@ -8,6 +8,7 @@ import time
 import pytest
 
 from tests.helpers.daemon import SpdkRpcError
+from tests.helpers.waiting import wait_for
 from vhostd.initiator.blk import VirtioBlk
 from vhostd.rpc.client import RpcCallError
 
@@ -121,6 +122,28 @@ def test_deleting_a_bdev_under_a_controller_fails_its_io(daemon):
         (info,) = d.rpc("vhost_get_controllers")
         assert info["backend_specific"]["block"]["bdev"] is None
     d.spdk("vhost_delete_controller", "vhost.0")
+
+
+def test_a_file_bdev_deleted_under_a_front_end_is_closed_when_the_front_end_leaves(daemon, tmp_path):
+    d = daemon()
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(8 << 20)
+    d.spdk("bdev_aio_create", str(image), "F0")
+    d.spdk("vhost_create_blk_controller", "vhost.0", "F0")
+
+    def file_fds():
+        fd_dir = "/proc/%d/fd" % d.proc.pid
+        return [fd for fd in os.listdir(fd_dir) if os.readlink(os.path.join(fd_dir, fd)) == str(image)]
+
+    with VirtioBlk(str(d.socket_dir / "vhost.0"), queue_size=64, memory_bytes=8 << 20).open() as dev:
+        dev.write(0, b"\1" * 512)
+        d.spdk("bdev_aio_delete", "F0")
+        assert dev.request(0, 0, data_in_len=512).status == 1
+        assert file_fds()                  # the queue still holds the disk
+    # Its last queue gone, the removed disk is closed although the controller stays.
+    wait_for(lambda: not file_fds(), timeout=5, interval=0.05)
+    assert [c["ctrlr"] for c in d.rpc("vhost_get_controllers")] == ["vhost.0"]
 
 
 def test_controllers_survive_save_and_load_config(daemon):
