@@ -1,5 +1,6 @@
 """vhost-blk controllers created with SPDK's rpc.py on a real daemon, served to our front-end."""
 
+import fcntl
 import json
 import os
 import threading
@@ -144,6 +145,23 @@ def test_a_file_bdev_deleted_under_a_front_end_is_closed_when_the_front_end_leav
     # Its last queue gone, the removed disk is closed although the controller stays.
     wait_for(lambda: not file_fds(), timeout=5, interval=0.05)
     assert [c["ctrlr"] for c in d.rpc("vhost_get_controllers")] == ["vhost.0"]
+
+
+def test_the_inflight_region_handed_to_the_front_end_cannot_be_shrunk(daemon):
+    """A front-end that could truncate the inflight memfd would make the daemon fault (SIGBUS)
+    on its next access to it, taking every controller down: the region comes sealed."""
+    d = daemon()
+    d.spdk("bdev_malloc_create", "-b", "M0", "8", "512")
+    d.spdk("vhost_create_blk_controller", "vhost.0", "M0")
+    with VirtioBlk(str(d.socket_dir / "vhost.0"), queue_size=64, memory_bytes=8 << 20).open() as dev:
+        _, fd = dev.frontend.inflight
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_SEAL
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+        dev.write(0, b"\x77" * 4096)
+        assert dev.read(0, 4096) == b"\x77" * 4096
+    assert d.proc.poll() is None
 
 
 def test_controllers_survive_save_and_load_config(daemon):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -177,6 +178,9 @@ class Connection:
         fd = os.memfd_create("vhostd-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            # The front-end gets this fd: sealed, it cannot shrink the region under our mapping
+            # (the next access would fault with SIGBUS and take the whole daemon down).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             region = mmap.mmap(fd, size)
         except OSError:
             os.close(fd)
