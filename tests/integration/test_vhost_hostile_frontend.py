@@ -153,6 +153,9 @@ CLOSING_CASES = {
         Request.GET_VRING_BASE, p.VringState(200, 0).encode()),
     "inflight fd without the feature": lambda peer: peer.request(
         Request.SET_INFLIGHT_FD, p.InflightInfo(4096, 0, 1, 64).encode(), [memfd(4096)]),
+    "inflight fd the front-end could shrink": lambda peer: (
+        peer.request(Request.SET_PROTOCOL_FEATURES, p.encode_u64(bit(ProtocolFeature.INFLIGHT_SHMFD))),
+        peer.request(Request.SET_INFLIGHT_FD, p.InflightInfo(4096, 0, 1, 64).encode(), [memfd(4096)])),
 }
 
 
