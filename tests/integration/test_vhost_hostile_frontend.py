@@ -190,6 +190,22 @@ def test_refused_requests_get_a_negative_ack_and_the_connection_survives(target)
     check_serves(target)
 
 
+def test_fds_sent_with_requests_that_take_none_are_closed(target):
+    wait_idle(target)
+    fds = fd_count()
+    peer = negotiated(target)
+    for _ in range(10):
+        peer.request(Request.SET_OWNER, fds=[memfd(8) for _ in range(4)])
+        peer.request(Request.GET_QUEUE_NUM, fds=[memfd(8)])
+        assert peer.reply()[0] == Request.GET_QUEUE_NUM
+    # Only the two ends of the connection are open meanwhile, not the 50 fds it carried.
+    assert fd_count() <= fds + 2
+    peer.close()
+    wait_idle(target)
+    assert fd_count() <= fds
+    check_serves(target)
+
+
 def test_rings_outside_memory_never_start_and_signal_the_error_fd(target):
     wait_idle(target)
     fds, maps = fd_count(), map_count()
