@@ -3,6 +3,8 @@
 import fcntl
 import json
 import os
+import resource
+import socket
 import threading
 import time
 
@@ -162,6 +164,25 @@ def test_the_inflight_region_handed_to_the_front_end_cannot_be_shrunk(daemon):
         dev.write(0, b"\x77" * 4096)
         assert dev.read(0, 4096) == b"\x77" * 4096
     assert d.proc.poll() is None
+
+
+def test_a_controller_accepts_again_after_the_daemon_ran_out_of_fds(daemon):
+    d = daemon("-L", "INFO")
+    d.spdk("bdev_malloc_create", "-b", "M0", "8", "512")
+    d.spdk("vhost_create_blk_controller", "vhost.0", "M0")
+    sock = str(d.socket_dir / "vhost.0")
+    limits = resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/%d/fd" % d.proc.pid))
+    resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, (in_use, limits[1]))
+    try:
+        with socket.socket(socket.AF_UNIX) as peer:
+            peer.connect(sock)              # accepting it fails with EMFILE
+            wait_for(lambda: "accepting a front-end failed" in d.log(), timeout=5, interval=0.05)
+    finally:
+        resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, limits)
+    with VirtioBlk(sock, queue_size=64, memory_bytes=8 << 20).open() as dev:
+        dev.write(0, b"\x42" * 512)
+        assert dev.read(0, 512) == b"\x42" * 512
 
 
 def test_controllers_survive_save_and_load_config(daemon):
