@@ -371,6 +371,7 @@ class Guest(ProcessHarness):
         kernel_cmdline: str = KERNEL_CMDLINE,
         qemu_binary: str = "qemu-system-x86_64",
         extra_args: Iterable[str] = (),
+        reboot_resets: bool = False,
     ) -> None:
         self.devices: list[VhostUserDevice] = []
         self._devices_named = 0
@@ -398,7 +399,8 @@ class Guest(ProcessHarness):
             "-smp", str(smp),
             "-nodefaults",
             "-nographic",
-            "-no-reboot",
+            # A reboot ends QEMU unless the test wants to see the guest come back.
+            *([] if reboot_resets else ["-no-reboot"]),
             "-serial", "stdio",
             "-qmp", f"unix:{qemu_opt_value(self.qmp_path)},server=on,wait=off",
             "-kernel", os.fspath(image.kernel),
@@ -471,6 +473,19 @@ class Guest(ProcessHarness):
             return self._proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self._fail(f"QEMU still running {timeout_s:.0f} s after poweroff -f")
+
+    def reboot(self, timeout_s: float | None = None) -> float:
+        """Flush the guest's caches, reboot it (``reboot -f``: a machine reset, needs
+        ``reboot_resets=True``) and wait for its shell to be ready again; the seconds it took."""
+        self.check("sync")
+        started = time.monotonic()
+        start = self._send_script("reboot -f", secrets.token_hex(8))
+        ready = re.compile(re.escape(READY_MARKER) + rb"\r?\n")
+        deadline = started + (self.boot_timeout_s if timeout_s is None else timeout_s)
+        if not self._console.wait_for(ready, start, deadline):
+            self._broken = "reboot did not complete"
+            self._fail("guest shell not ready again after reboot -f")
+        return time.monotonic() - started
 
     def kill(self) -> None:
         """End QEMU at once (SIGKILL), as a crash would."""

@@ -1,13 +1,17 @@
 """vhost-blk controllers created with SPDK's rpc.py on a real daemon, served to our front-end."""
 
+import fcntl
 import json
 import os
+import resource
+import socket
 import threading
 import time
 
 import pytest
 
 from tests.helpers.daemon import SpdkRpcError
+from tests.helpers.waiting import wait_for
 from vhostd.initiator.blk import VirtioBlk
 from vhostd.rpc.client import RpcCallError
 
@@ -121,6 +125,64 @@ def test_deleting_a_bdev_under_a_controller_fails_its_io(daemon):
         (info,) = d.rpc("vhost_get_controllers")
         assert info["backend_specific"]["block"]["bdev"] is None
     d.spdk("vhost_delete_controller", "vhost.0")
+
+
+def test_a_file_bdev_deleted_under_a_front_end_is_closed_when_the_front_end_leaves(daemon, tmp_path):
+    d = daemon()
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(8 << 20)
+    d.spdk("bdev_aio_create", str(image), "F0")
+    d.spdk("vhost_create_blk_controller", "vhost.0", "F0")
+
+    def file_fds():
+        fd_dir = "/proc/%d/fd" % d.proc.pid
+        return [fd for fd in os.listdir(fd_dir) if os.readlink(os.path.join(fd_dir, fd)) == str(image)]
+
+    with VirtioBlk(str(d.socket_dir / "vhost.0"), queue_size=64, memory_bytes=8 << 20).open() as dev:
+        dev.write(0, b"\1" * 512)
+        d.spdk("bdev_aio_delete", "F0")
+        assert dev.request(0, 0, data_in_len=512).status == 1
+        assert file_fds()                  # the queue still holds the disk
+    # Its last queue gone, the removed disk is closed although the controller stays.
+    wait_for(lambda: not file_fds(), timeout=5, interval=0.05)
+    assert [c["ctrlr"] for c in d.rpc("vhost_get_controllers")] == ["vhost.0"]
+
+
+def test_the_inflight_region_handed_to_the_front_end_cannot_be_shrunk(daemon):
+    """A front-end that could truncate the inflight memfd would make the daemon fault (SIGBUS)
+    on its next access to it, taking every controller down: the region comes sealed."""
+    d = daemon()
+    d.spdk("bdev_malloc_create", "-b", "M0", "8", "512")
+    d.spdk("vhost_create_blk_controller", "vhost.0", "M0")
+    with VirtioBlk(str(d.socket_dir / "vhost.0"), queue_size=64, memory_bytes=8 << 20).open() as dev:
+        _, fd = dev.frontend.inflight
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_SEAL
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+        dev.write(0, b"\x77" * 4096)
+        assert dev.read(0, 4096) == b"\x77" * 4096
+    assert d.proc.poll() is None
+
+
+def test_a_controller_accepts_again_after_the_daemon_ran_out_of_fds(daemon):
+    d = daemon("-L", "INFO")
+    d.spdk("bdev_malloc_create", "-b", "M0", "8", "512")
+    d.spdk("vhost_create_blk_controller", "vhost.0", "M0")
+    sock = str(d.socket_dir / "vhost.0")
+    limits = resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/%d/fd" % d.proc.pid))
+    resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, (in_use, limits[1]))
+    try:
+        with socket.socket(socket.AF_UNIX) as peer:
+            peer.connect(sock)              # accepting it fails with EMFILE
+            wait_for(lambda: "accepting a front-end failed" in d.log(), timeout=5, interval=0.05)
+    finally:
+        resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, limits)
+    with VirtioBlk(sock, queue_size=64, memory_bytes=8 << 20).open() as dev:
+        dev.write(0, b"\x42" * 512)
+        assert dev.read(0, 512) == b"\x42" * 512
 
 
 def test_controllers_survive_save_and_load_config(daemon):

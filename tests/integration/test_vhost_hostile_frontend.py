@@ -153,6 +153,9 @@ CLOSING_CASES = {
         Request.GET_VRING_BASE, p.VringState(200, 0).encode()),
     "inflight fd without the feature": lambda peer: peer.request(
         Request.SET_INFLIGHT_FD, p.InflightInfo(4096, 0, 1, 64).encode(), [memfd(4096)]),
+    "inflight fd the front-end could shrink": lambda peer: (
+        peer.request(Request.SET_PROTOCOL_FEATURES, p.encode_u64(bit(ProtocolFeature.INFLIGHT_SHMFD))),
+        peer.request(Request.SET_INFLIGHT_FD, p.InflightInfo(4096, 0, 1, 64).encode(), [memfd(4096)])),
 }
 
 
@@ -184,6 +187,22 @@ def test_refused_requests_get_a_negative_ack_and_the_connection_survives(target)
     peer.request(Request.GET_FEATURES)
     assert peer.reply()[0] == Request.GET_FEATURES
     peer.close()
+    check_serves(target)
+
+
+def test_fds_sent_with_requests_that_take_none_are_closed(target):
+    wait_idle(target)
+    fds = fd_count()
+    peer = negotiated(target)
+    for _ in range(10):
+        peer.request(Request.SET_OWNER, fds=[memfd(8) for _ in range(4)])
+        peer.request(Request.GET_QUEUE_NUM, fds=[memfd(8)])
+        assert peer.reply()[0] == Request.GET_QUEUE_NUM
+    # Only the two ends of the connection are open meanwhile, not the 50 fds it carried.
+    assert fd_count() <= fds + 2
+    peer.close()
+    wait_idle(target)
+    assert fd_count() <= fds
     check_serves(target)
 
 

@@ -203,6 +203,28 @@ def test_extra_fds_are_closed_and_break_the_session(session):
         os.fstat(fd)
 
 
+def test_fds_on_a_request_that_takes_none_are_closed(session):
+    fds = [eventfd(), eventfd()]
+    session.receive(message(Request.SET_OWNER, fds=fds))
+    assert not session.broken
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_reader_refuses_more_than_eight_fds_for_one_message():
+    reader = p.MessageReader()
+    data = p.encode(Request.SET_OWNER)
+    fds = [eventfd() for _ in range(9)]
+    reader.feed(data[:4], fds[:8])
+    with pytest.raises(p.ProtocolError):
+        reader.feed(data[4:8], fds[8:])
+    reader.close()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
 def test_unknown_request_is_refused_without_breaking(session):
     session.receive(message(Request.SET_PROTOCOL_FEATURES, p.encode_u64(bit(ProtocolFeature.REPLY_ACK))))
     effects = session.receive(message(200, need_reply=True))

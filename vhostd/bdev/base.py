@@ -100,8 +100,8 @@ class Bdev:
         self.users.clear()
 
     def close(self) -> None:
-        """Release the disk unless the data plane still holds channels on it (then it goes
-        when the last queue using it detaches and the Disk object is collected)."""
+        """Release the disk unless the data plane still holds channels on it (then the blk
+        controller serving it closes it when its last queue detaches)."""
         if self.disk.in_use == 0:
             self.disk.close()
 

@@ -28,6 +28,7 @@ _session_ids = itertools.count()
 
 DEFAULT_IOPS_THRESHOLD = 60000
 HANDOVER_TIMEOUT_S = 5.0      # how long a second front-end waits for the first to leave
+ACCEPT_RETRY_S = 0.1          # pause after a failed accept (out of fds) before the next attempt
 
 
 class Controller:
@@ -91,7 +92,14 @@ class Controller:
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn_sock, _ = await loop.sock_accept(self.listener)
+            try:
+                conn_sock, _ = await loop.sock_accept(self.listener)
+            except OSError as exc:
+                # Out of fds (EMFILE, ENFILE) or memory: the front-end waits in the backlog.  Try
+                # again shortly; ending here would leave the socket unserved for good.
+                log.warning("%s: accepting a front-end failed: %s", self.name, exc.strerror or exc)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
             if self.connection is not None:
                 # One front-end at a time.  A new one usually means the old one is going away
                 # (QEMU restarted, guest rebooted): it waits for that, then is served.

@@ -406,8 +406,13 @@ class MessageReader:
         self._expect_reply = expect_reply
 
     def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Add what one recvmsg returned.  Raises ProtocolError when the message being read has
+        collected more than MAX_FDS fds (a peer trickling its bytes, each with fds attached, would
+        otherwise fill our fd table before the message ends); close() releases them."""
         self._buffer += data
         self._fds.extend(fds)
+        if len(self._fds) > MAX_FDS:
+            raise ProtocolError("more than %d fds attached to one message" % MAX_FDS)
 
     def bytes_needed(self) -> int:
         """How many more bytes complete the message being read: the header first, then exactly

@@ -270,7 +270,11 @@ class Session:
             handler = self._handlers.get(msg.request)
             if handler is None:
                 return self._refuse(msg, "unsupported request %s" % msg.name())
-            return handler(msg)
+            effects = handler(msg)
+            # Handlers take the fds they keep; any other (a stray fd on SET_OWNER …) would stay
+            # open for the daemon's lifetime, and a front-end could exhaust its fd table.
+            msg.close_fds()
+            return effects
         except ProtocolError:
             self.state = SessionState.BROKEN
             msg.close_fds()
