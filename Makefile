@@ -10,11 +10,14 @@ PYTEST_ARGS ?=
 .PHONY: run test deps sysdeps venv build guest clean
 
 run: deps
-	@echo "vhostd: demo config scripts/demo-config.json (Malloc0 64 MiB, Null0; blk controller vhost.0)."
+	@echo "vhostd: demo config scripts/demo-config.json: blk controller vhost.0 (Malloc0, 64 MiB),"
+	@echo "        scsi controller vhost.1 (target 0 Malloc1 64 MiB, target 1 Null0 128 MiB)."
 	@echo "Attach a guest (guest RAM must be shared memory):"
 	@echo "  qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on \\"
 	@echo "    -numa node,memdev=mem -chardev socket,id=c0,path=$(SOCKET_DIR)/vhost.0,reconnect=1 \\"
-	@echo "    -device vhost-user-blk-pci,chardev=c0,num-queues=1 ...your disk image/kernel options..."
+	@echo "    -device vhost-user-blk-pci,chardev=c0,num-queues=1 \\"
+	@echo "    -chardev socket,id=c1,path=$(SOCKET_DIR)/vhost.1 -device vhost-user-scsi-pci,chardev=c1 \\"
+	@echo "    ...your disk image/kernel options..."
 	@echo "RPC: .venv/bin/spdk-rpc -s $(RPC_SOCKET) bdev_get_bdevs   metrics: http://127.0.0.1:9250/metrics"
 	$(BIN)/vhostd -S $(SOCKET_DIR) -r $(RPC_SOCKET) -m 0x1 --json scripts/demo-config.json --http 127.0.0.1:9250
 
