@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Per-request instruction cost of vhostd's blk data path, for docs/benchmarks.md.
+"""Per-request instruction cost of vhostd's blk or scsi data path, for docs/benchmarks.md.
 
-Runs the in-process vhostd blk target and the bench client for a few seconds; meant to run under
+Runs the in-process vhostd blk (or scsi: --kind scsi) target and the bench client for a few seconds; meant to run under
 callgrind, which counts instructions (repeatable, unlike time on a shared machine):
 
     valgrind --tool=callgrind --callgrind-out-file=build/callgrind.out \\
@@ -27,6 +27,9 @@ PATH_FUNCTIONS = [
     ("  pop: avail entry + descriptor walk", "vq_pop"),
     ("    translate buffers", "gpa_to_iov"),
     ("  blk request handling", "blk_handle"),
+    ("  scsi request handling", "scsi_request_handle"),
+    ("    CDB execution", "scsi_execute"),
+    ("    response + completion", "scsi_finish"),
     ("    bdev submit", "bdev_submit"),
     ("    bdev completion + accounting", "bdev_io_finish"),
     ("    push used entry", "task_complete"),
@@ -35,13 +38,13 @@ PATH_FUNCTIONS = [
 ]
 
 
-def run(bdev: str, seconds: float, qd: int) -> None:
+def run(bdev: str, seconds: float, qd: int, kind: str = "blk") -> None:
     from vhostd.initiator.bench import Workload, run_workload
     from vhostd.initiator.targets import InProcessVhostdTarget
-    with InProcessVhostdTarget(bdev, cpus=(0,), size_bytes=64 << 20) as target:
+    with InProcessVhostdTarget(bdev, cpus=(0,), size_bytes=64 << 20, kind=kind) as target:
         workload = Workload(rw="randread", block_bytes=4096, qd=qd, queues=1, duration_s=seconds,
                             ramp_s=0.0, client_cpus=[1])
-        result = run_workload(target.socket_path, "blk", workload, target.label)
+        result = run_workload(target.socket_path, kind, workload, target.label)
     print("requests", result.ops)
 
 
@@ -68,13 +71,14 @@ def main() -> int:
     ap.add_argument("--bdev", default="null", choices=["null", "malloc"])
     ap.add_argument("--time", type=float, default=3.0)
     ap.add_argument("--qd", type=int, default=32)
+    ap.add_argument("--kind", default="blk", choices=["blk", "scsi"])
     ap.add_argument("--report")
     ap.add_argument("--requests", type=int)
     args = ap.parse_args()
     if args.report:
         report(args.report, args.requests)
     else:
-        run(args.bdev, args.time, args.qd)
+        run(args.bdev, args.time, args.qd, args.kind)
     return 0
 
 

@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--socket", help="vhost-user socket of a running target")
     where.add_argument("--targets", help="comma-separated targets to start and measure in turn: "
                        "qsd-null, qsd-file, vhostd-null, vhostd-malloc, vhostd-file, vhostd-scsi-malloc, "
-                       "vhostd-inproc-null, vhostd-inproc-malloc (vhostd's back-end in this process)")
+                       "vhostd-inproc-null, vhostd-inproc-malloc, vhostd-inproc-scsi-null, vhostd-inproc-scsi-malloc (vhostd's back-end in this process)")
     ap.add_argument("--type", choices=("blk", "scsi"), default="blk", help="device type of --socket")
     ap.add_argument("--target-pid", type=int, help="pid of the --socket target, for its CPU use")
     ap.add_argument("--name", help="label of the --socket target in the table")

@@ -20,12 +20,14 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import uuid as uuidlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import _dataplane as dp
 from ..dataplane import ReactorSet
 from ..vhost.blk import BlkController
+from ..vhost.scsi import ScsiController
 
 
 class TargetError(Exception):
@@ -300,25 +302,32 @@ class VhostdTarget(_Process):
 
 @dataclass
 class _Bdev:
-    """What a BlkController needs of a bdev."""
+    """What a blk or scsi controller needs of a bdev."""
 
     name: str
     disk: dp.Disk
+    product_name: str = "Disk"
+    uuid: uuidlib.UUID = field(default_factory=uuidlib.uuid4)
+
+    def claim(self, holder) -> None:
+        pass
+
+    def release(self, holder) -> None:
+        pass
 
 
 class InProcessVhostdTarget(_Target):
-    """vhostd's blk back-end (reactors + one BlkController on a null or malloc disk, or the given
+    """vhostd's blk or scsi back-end (reactors + one controller on a null or malloc disk, or the given
     Disk) running in this process: an asyncio loop in a thread, reactors pinned to ``cpus``.  Measures vhostd's
     data plane before the vhostd command exists, and serves tests; its CPU use is that of its
     reactor threads."""
 
-    kind = "blk"
-
     def __init__(self, bdev: str = "null", *, disk=None, cpus=(0,), size_bytes: int = 1 << 30,
-                 block_size: int = 512, workdir: str | None = None) -> None:
-        if bdev not in ("null", "malloc"):
-            raise ValueError("in-process vhostd serves a null or malloc disk")
-        self.label = "vhostd-inproc-%s" % bdev
+                 block_size: int = 512, workdir: str | None = None, kind: str = "blk") -> None:
+        if bdev not in ("null", "malloc") or kind not in ("blk", "scsi"):
+            raise ValueError("in-process vhostd serves a null or malloc disk through blk or scsi")
+        self.kind = kind
+        self.label = "vhostd-inproc-%s%s" % ("scsi-" if kind == "scsi" else "", bdev)
         blocks = size_bytes // block_size
         if disk is None:
             disk = dp.Disk.null(block_size, blocks) if bdev == "null" else dp.Disk.malloc(block_size, blocks)
@@ -338,8 +347,12 @@ class InProcessVhostdTarget(_Target):
 
         async def setup():
             self.reactors.start(self.loop)
-            self.controller = BlkController(self.ctrlr, str(self.workdir), self.reactors, self.cpus,
-                                            _Bdev(self.ctrlr + "-disk", self.disk))
+            bdev = _Bdev(self.ctrlr + "-disk", self.disk)
+            if self.kind == "scsi":
+                self.controller = ScsiController(self.ctrlr, str(self.workdir), self.reactors, self.cpus)
+                await self.controller.add_target(0, bdev)
+            else:
+                self.controller = BlkController(self.ctrlr, str(self.workdir), self.reactors, self.cpus, bdev)
             await self.controller.start()
 
         self._run(setup())
@@ -376,14 +389,15 @@ def make_target(spec: str, *, cpus=None, size_bytes: int = 1 << 30, num_queues: 
                 image: str | None = None, direct: bool = True, workdir: str | None = None):
     """A target from a short name: qsd-null, qsd-file, vhostd-null, vhostd-malloc, vhostd-file,
     vhostd-scsi-null, vhostd-scsi-malloc, vhostd-scsi-file, vhostd-inproc-null,
-    vhostd-inproc-malloc.  image: the file of file targets
+    vhostd-inproc-malloc, vhostd-inproc-scsi-null, vhostd-inproc-scsi-malloc.  image: the file of file targets
     (default: a new sparse file of size_bytes); direct: QSD's cache.direct."""
     parts = spec.split("-")
     if parts[0] == "qsd" and len(parts) == 2:
         return QsdTarget(parts[1], cpus=cpus, size_bytes=size_bytes, num_queues=num_queues,
                          image=image, direct=direct, workdir=workdir)
-    if parts[:2] == ["vhostd", "inproc"] and len(parts) == 3:
-        return InProcessVhostdTarget(parts[2], cpus=cpus or (0,), size_bytes=size_bytes, workdir=workdir)
+    if parts[:2] == ["vhostd", "inproc"] and len(parts) in (3, 4):
+        return InProcessVhostdTarget(parts[-1], cpus=cpus or (0,), size_bytes=size_bytes, workdir=workdir,
+                                     kind="scsi" if len(parts) == 4 and parts[2] == "scsi" else "blk")
     if parts[0] == "vhostd" and len(parts) in (2, 3):
         kind = parts[1] if len(parts) == 3 else "blk"
         return VhostdTarget(parts[-1], kind=kind, cpus=cpus or (0,), size_bytes=size_bytes,
