@@ -194,3 +194,57 @@ def test_hot_add_and_remove_send_events_while_io_continues(daemon):
         assert dev.command(2, bytes(6)).response == vs.S_BAD_TARGET
         d.spdk("bdev_malloc_delete", "M2")          # released by the removal
         assert dev.read(0, 0, 8, 512) == pattern
+
+
+# Every opcode of the emulation once through the daemon's socket: (CDB, data-out, data-in bytes).
+UNMAP_PARAMS = struct.pack(">HH4x", 22, 16) + struct.pack(">QI4x", 64, 8)
+MODE_PARAMS = bytes([0, 0, 0, 0, 0x08, 0x12, 0x04]) + bytes(17)
+EVERY_OPCODE = {
+    "TEST UNIT READY": (bytes(6), b"", 0),
+    "REQUEST SENSE": (bytes([0x03, 0, 0, 0, 18, 0]), b"", 18),
+    "READ(6)": (bytes([0x08, 0, 0, 1, 1, 0]), b"", 512),
+    "WRITE(6)": (bytes([0x0A, 0, 0, 1, 1, 0]), b"\x01" * 512, 0),
+    "INQUIRY": (bytes([0x12, 0, 0, 0, 96, 0]), b"", 96),
+    "INQUIRY VPD B0": (bytes([0x12, 1, 0xB0, 0, 64, 0]), b"", 64),
+    "MODE SELECT(6)": (bytes([0x15, 0x10, 0, 0, len(MODE_PARAMS), 0]), MODE_PARAMS, 0),
+    "MODE SENSE(6)": (bytes([0x1A, 0, 0x3F, 0, 255, 0]), b"", 255),
+    "START STOP UNIT": (bytes([0x1B, 0, 0, 0, 1, 0]), b"", 0),
+    "READ CAPACITY(10)": (bytes([0x25]) + bytes(9), b"", 8),
+    "READ(10)": (bytes([0x28, 0, 0, 0, 0, 2, 0, 0, 1, 0]), b"", 512),
+    "WRITE(10)": (bytes([0x2A, 0, 0, 0, 0, 2, 0, 0, 1, 0]), b"\x02" * 512, 0),
+    "VERIFY(10)": (bytes([0x2F, 0, 0, 0, 0, 2, 0, 0, 1, 0]), b"", 0),
+    "SYNCHRONIZE CACHE(10)": (bytes([0x35]) + bytes(9), b"", 0),
+    "WRITE SAME(10)": (bytes([0x41, 0, 0, 0, 0, 3, 0, 0, 4, 0]), b"\x03" * 512, 0),
+    "UNMAP": (bytes([0x42, 0, 0, 0, 0, 0, 0, 0, len(UNMAP_PARAMS), 0]), UNMAP_PARAMS, 0),
+    "MODE SELECT(10)": (bytes([0x55, 0x10, 0, 0, 0, 0, 0, 0, 8 + 20, 0]), bytes(8) + MODE_PARAMS[4:], 0),
+    "MODE SENSE(10)": (bytes([0x5A, 0, 0x08, 0, 0, 0, 0, 0, 64, 0]), b"", 64),
+    "PERSISTENT RESERVE IN": (bytes([0x5E, 0, 0, 0, 0, 0, 0, 0, 8, 0]), b"", 8),
+    "READ(16)": (bytes([0x88, 0]) + struct.pack(">QI", 5, 1) + b"\0\0", b"", 512),
+    "WRITE(16)": (bytes([0x8A, 0]) + struct.pack(">QI", 5, 1) + b"\0\0", b"\x04" * 512, 0),
+    "VERIFY(16)": (bytes([0x8F, 0]) + struct.pack(">QI", 5, 1) + b"\0\0", b"", 0),
+    "SYNCHRONIZE CACHE(16)": (bytes([0x91]) + bytes(15), b"", 0),
+    "WRITE SAME(16)": (bytes([0x93, 0x08]) + struct.pack(">QI", 40, 8) + b"\0\0", bytes(512), 0),
+    "READ CAPACITY(16)": (bytes([0x9E, 0x10]) + bytes(8) + struct.pack(">I", 32) + b"\0\0", b"", 32),
+    "REPORT LUNS": (bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", 16) + b"\0\0", b"", 16),
+    "READ(12)": (bytes([0xA8, 0]) + struct.pack(">II", 6, 1) + b"\0\0", b"", 512),
+    "WRITE(12)": (bytes([0xAA, 0]) + struct.pack(">II", 6, 1) + b"\0\0", b"\x05" * 512, 0),
+}
+
+
+def test_every_opcode_through_the_daemon(daemon, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 << 20))
+    d = daemon()
+    d.spdk("bdev_aio_create", str(image), "File0")
+    d.spdk("vhost_create_scsi_controller", "vhost.0")
+    d.spdk("vhost_scsi_controller_add_target", "vhost.0", "0", "File0")
+    with open_scsi(d, "vhost.0") as dev:
+        for name, (cdb, out, din) in EVERY_OPCODE.items():
+            res = dev.command(0, cdb, data_out=out, data_in_len=din)
+            assert res.ok, (name, res)
+        assert dev.command(0, bytes([0x4C]) + bytes(9)).sense_key_asc_ascq == (5, 0x20, 0)
+    assert d.rpc("remove_vhost_scsi_target", ctrlr="vhost.0", scsi_target_num=0) is True
+    data = image.read_bytes()
+    assert data[512:1024] == b"\x01" * 512 and data[1024:1536] == b"\x02" * 512
+    assert data[1536:2560] == b"\x03" * 1024                   # WRITE SAME at 3-6, then 5 and 6 rewritten
+    assert data[2560:3072] == b"\x04" * 512 and data[3072:3584] == b"\x05" * 512
