@@ -17,6 +17,7 @@ import pytest
 
 from guest import Guest, GuestImage
 from qsd import StorageDaemon
+from tests.helpers.daemon import Daemon
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = REPO_ROOT / "build" / "guest"
@@ -62,6 +63,26 @@ def socket_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="vhd-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def vhostd(socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
+    """A factory: ``vhostd(*args)`` starts a vhostd daemon with its sockets under socket_dir; every
+    daemon it started is stopped at teardown and its log printed (shown when a test fails)."""
+    daemons = []
+
+    def start(*args, **kw) -> Daemon:
+        workdir = socket_dir / ("d%d" % len(daemons))
+        workdir.mkdir()
+        d = Daemon(*args, workdir=str(workdir), **kw)
+        daemons.append(d)
+        return d.start()
+
+    yield start
+    for d in daemons:
+        d.stop()
+        print(d.log())
+        d.cleanup()
 
 
 @pytest.fixture

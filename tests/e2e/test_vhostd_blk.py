@@ -7,7 +7,6 @@ import hashlib
 import pytest
 
 from guest import VhostUserDevice
-from tests.helpers.daemon import Daemon
 
 pytestmark = pytest.mark.e2e
 
@@ -17,24 +16,6 @@ PATTERN_BYTES = 4 << 20
 
 def expected_pattern() -> bytes:
     return b"".join(b"%d\n" % i for i in range(PATTERN_FIRST, PATTERN_LAST + 1))
-
-
-@pytest.fixture
-def vhostd(socket_dir):
-    daemons = []
-
-    def start(*args, **kw):
-        workdir = socket_dir / ("d%d" % len(daemons))
-        workdir.mkdir()
-        d = Daemon(*args, workdir=str(workdir), **kw)
-        daemons.append(d)
-        return d.start()
-
-    yield start
-    for d in daemons:
-        d.stop()
-        print(d.log())
-        d.cleanup()
 
 
 def test_guest_reads_and_writes_malloc_and_file_disks(vhostd, boot_guest, tmp_path):

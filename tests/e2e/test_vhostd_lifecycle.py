@@ -11,7 +11,6 @@ import time
 import pytest
 
 from guest import VhostUserDevice
-from tests.helpers.daemon import Daemon
 from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -36,24 +35,6 @@ def read_md5(guest, offset_mib: int, disk: str = "/dev/vda") -> str:
 
 def io_errors(guest) -> str:
     return guest.run("dmesg | grep -iE 'I/O error|blk_update_request|critical'")[1]
-
-
-@pytest.fixture
-def vhostd(socket_dir):
-    daemons = []
-
-    def start(*args, **kw):
-        workdir = socket_dir / ("d%d" % len(daemons))
-        workdir.mkdir()
-        d = Daemon(*args, workdir=str(workdir), **kw)
-        daemons.append(d)
-        return d.start()
-
-    yield start
-    for d in daemons:
-        d.stop()
-        print(d.log())
-        d.cleanup()
 
 
 def test_guest_reboot_resets_the_device_and_keeps_its_data(vhostd, boot_guest, tmp_path):

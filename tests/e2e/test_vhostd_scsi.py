@@ -7,31 +7,12 @@ from __future__ import annotations
 import pytest
 
 from guest import VhostUserDevice
-from tests.helpers.daemon import Daemon
 
 pytestmark = pytest.mark.e2e
 
 # (host, channel, target, lun) directory of each SCSI device and the disk under it
 LIST_DISKS = ('for d in /sys/bus/scsi/devices/*:*:*:*; do [ -d "$d/block" ] && '
               'echo "${d##*/} $(ls $d/block)"; done; true')
-
-
-@pytest.fixture
-def vhostd(socket_dir):
-    daemons = []
-
-    def start(*args, **kw):
-        workdir = socket_dir / ("d%d" % len(daemons))
-        workdir.mkdir()
-        d = Daemon(*args, workdir=str(workdir), **kw)
-        daemons.append(d)
-        return d.start()
-
-    yield start
-    for d in daemons:
-        d.stop()
-        print(d.log())
-        d.cleanup()
 
 
 def disks_by_target(guest) -> dict[int, str]:
