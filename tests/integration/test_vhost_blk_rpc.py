@@ -124,6 +124,8 @@ def test_deleting_a_bdev_under_a_controller_fails_its_io(daemon):
         assert dev.request(0, 0, data_in_len=512).status == 1
         (info,) = d.rpc("vhost_get_controllers")
         assert info["backend_specific"]["block"]["bdev"] is None
+        # Nothing could recreate it: save_config leaves it out rather than write an empty dev_name.
+        assert d.spdk("framework_get_config", "vhost_blk") == []
     d.spdk("vhost_delete_controller", "vhost.0")
 
 

@@ -95,8 +95,10 @@ def vhost_get_controllers(app, p: P.VhostGetControllers):
 def _blk_config(app) -> list:
     entries = []
     for c in app.vhost.of_kind("blk"):
+        if c.bdev is None:
+            continue             # its bdev was hot-removed: nothing to recreate it from (as SPDK)
         entries.append({"method": "vhost_create_blk_controller", "params": {
-            "ctrlr": c.name, "dev_name": c.bdev.name if c.bdev is not None else "",
+            "ctrlr": c.name, "dev_name": c.bdev.name,
             "cpumask": c.cpumask()[2:], "readonly": c.readonly, "transport": c.transport}})
         entries.extend(_coalescing_entry(c))
     return entries
