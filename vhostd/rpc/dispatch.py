@@ -63,10 +63,12 @@ class Dispatcher:
             request_id = None
         method = request.get("method")
         params = request.get("params")
+        if (request_id is not None and not isinstance(request_id, (str, int, float))) \
+                or isinstance(request_id, bool):
+            # An id that is not a string, number or null is not echoed (SPDK replies id null).
+            return error_reply(*INVALID_REQUEST)
         if (request.get("jsonrpc", "2.0") != "2.0" or not isinstance(method, str)
-                or not isinstance(params, (dict, list, type(None)))
-                or (request_id is not None and not isinstance(request_id, (str, int, float)))
-                or isinstance(request_id, bool)):
+                or not isinstance(params, (dict, list, type(None)))):
             return error_reply(*INVALID_REQUEST, request_id)
         spec = self.registry.lookup(method)
         if spec is None:
