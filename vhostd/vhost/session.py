@@ -264,7 +264,11 @@ class Session:
             handler = self._handlers.get(msg.request)
             if handler is None:
                 return self._refuse(msg, "unsupported request %s" % msg.name())
-            return handler(msg)
+            effects = handler(msg)
+            # Handlers take the fds they use; any others came with a request that has no use for
+            # them and are closed here, not leaked.
+            msg.close_fds()
+            return effects
         except ProtocolError:
             self.state = SessionState.BROKEN
             msg.close_fds()
