@@ -88,15 +88,16 @@ class Target:
         self.pid = daemon.proc.pid
         self.path = str(daemon.socket_dir / "hostile.0")
         self.good = GoodTraffic(str(daemon.socket_dir / "good.0"))
-        self.baseline: tuple[int, int] | None = None
+        self.baseline: tuple[int, int, int] | None = None
         self.log_mark = 0
 
     def idle(self) -> bool:
         (info,) = self.daemon.rpc("vhost_get_controllers", name="hostile.0")
         return not info["sessions"]
 
-    def counts(self) -> tuple[int, int]:
-        return fd_count(self.pid), guest_mappings(self.pid)
+    def counts(self) -> tuple[int, int, int]:
+        """(open fds, memfd mappings, all mappings) of the daemon."""
+        return fd_count(self.pid), guest_mappings(self.pid), len(maps(self.pid))
 
     def settle(self, timeout_s: float = 3.0) -> None:
         """Wait for the hostile session to end and the daemon's fds and guest mappings to return
