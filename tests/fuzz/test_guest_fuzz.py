@@ -85,7 +85,8 @@ def test_adversarial_descriptor_chains_complete_with_errors_or_break_the_ring(da
     assert "Traceback" not in d.log()
     wait_idle(d)
     deadline = time.monotonic() + 10
-    while (fd_count(pid), guest_mappings(pid)) != baseline:
+    # At most the baseline: that one may include an RPC connection the daemon was still closing.
+    while fd_count(pid) > baseline[0] or guest_mappings(pid) > baseline[1]:
         assert time.monotonic() < deadline, "fds/mappings %r, baseline %r" % (
             (fd_count(pid), guest_mappings(pid)), baseline)
         time.sleep(0.01)
