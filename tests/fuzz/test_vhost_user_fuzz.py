@@ -556,6 +556,38 @@ def c_wrong_state_requests(peer):
     assert msg is not None and msg[0] == Request.GET_VRING_BASE
 
 
+def c_guest_memory_truncated_under_a_running_ring(peer):
+    """The front-end owns the memfd: shrinking it would make the next access SIGBUS (which once
+    ended the daemon).  Now the session closes and every other controller carries on."""
+    negotiate(peer)
+    mem = map_guest(peer)
+    err = ring(peer)
+    os.ftruncate(mem, 0)
+    peer.request(Request.SET_VRING_ENABLE, p.VringState(0, 0).encode())
+    peer.request(Request.SET_VRING_ENABLE, p.VringState(0, 1).encode())   # restart reads the rings
+    closes(peer)
+    os.close(err)
+    os.close(mem)
+
+
+def c_inflight_region_truncated_under_the_device(peer):
+    negotiate(peer)
+    peer.request(Request.GET_INFLIGHT_FD, p.InflightInfo(0, 0, 1, 64).encode())
+    msg = peer.reply()
+    assert msg is not None and len(msg[3]) == 1
+    inflight = msg[3][0]
+    peer.request(Request.SET_INFLIGHT_FD, msg[2], [os.dup(inflight)], flags=NEED_REPLY)
+    assert peer.ack() == 0
+    mem = map_guest(peer)
+    err = ring(peer)
+    os.ftruncate(inflight, 0)
+    peer.request(Request.SET_VRING_ENABLE, p.VringState(0, 0).encode())
+    peer.request(Request.SET_VRING_ENABLE, p.VringState(0, 1).encode())   # restart recovers from it
+    closes(peer)
+    for fd in (err, mem, inflight):
+        os.close(fd)
+
+
 def c_header_with_fds_then_eof(peer):
     peer.send(p.HEADER.pack(Request.SET_MEM_TABLE, p.VERSION, 40), fds_of("memfd", "memfd"))
 
