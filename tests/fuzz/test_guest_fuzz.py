@@ -121,7 +121,8 @@ def build_asan_tree() -> Path:
     done = root / ".built"
     if done.exists():
         return root
-    shutil.rmtree(root, ignore_errors=True)
+    for stale in Path("/tmp").glob("vhostd-asan-*"):       # builds of older sources
+        shutil.rmtree(stale, ignore_errors=True)
     root.mkdir(parents=True)
     shutil.copytree(REPO_ROOT / "vhostd", root / "vhostd",
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
