@@ -326,7 +326,6 @@ class Builder:
     def alloc(self, length: int, straddle: bool = False) -> int:
         """A fresh buffer (no two buffers of a batch overlap); straddle: one that crosses the
         A|B region boundary (legitimate: two iovecs)."""
-        a_lo, a_hi = BUFFERS[0]
         if straddle and length > 1 and self.buf_next[0] <= 2 * MIB - length:
             addr = 2 * MIB - self.rng.randrange(1, length)
             self.buf_next[0] = addr + length
