@@ -785,6 +785,7 @@ class Fuzzer:
         report = self.report
         report.iterations += 1
         s = self.session
+        s.ring.next_desc = 0            # the previous batch has drained: its descriptors are free
         builder = Builder(rng, s)
         names, weights = zip(*sorted(WEIGHTS.items()))
         count = rng.choice([1, 1, 2, 3, 5, 8])
@@ -924,6 +925,7 @@ class Fuzzer:
             s.ch.close()
             s.connect()
         rng = random.Random(self.seed * 7919 + i)
+        s.ring.next_desc = 0
         builder = Builder(rng, s)
         chains, _ = builder.case_write_then_read()
         for c in chains:
