@@ -396,9 +396,10 @@ class Builder:
             st = self.status()
             return [(hdr, 16, False), (st, 1, True)], st
         hdr = self.header(T_GET_ID, 0)
-        buf = self.alloc(20)
+        length = rng.choice([1, 20, 64])
+        buf = self.alloc(length)
         st = self.status()
-        return [(hdr, 16, False), (buf, rng.choice([1, 20, 64]), True), (st, 1, True)], st
+        return [(hdr, 16, False), (buf, length, True), (st, 1, True)], st
 
     def direct(self, segments, flags_override=None, nexts=None) -> int:
         """Write segments as a direct chain; returns the head."""
