@@ -263,6 +263,7 @@ cdef struct task_t:
     uint16_t n_readable      # the first n_readable segments are device-readable
     uint8_t busy             # popped and not yet pushed
     uint8_t bad              # see above
+    uint16_t batch_next      # inflight tracking: the previous head of the unpublished batch
     uint32_t used_len        # bytes written into device-writable buffers
     uint32_t dev_u32         # device scratch (blk: request type; scsi: target)
     uint64_t start_tick

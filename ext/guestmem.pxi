@@ -22,6 +22,131 @@ cdef extern from "<sys/mman.h>" nogil:
 cdef enum:
     GUARD_BYTES = 2 * 1024 * 1024
 
+# A front-end owns the files behind guest memory (and the inflight region): it can truncate them
+# under us, and the next access to a page past the new end raises SIGBUS, which would end the
+# daemon and every other controller with it.  Every shared mapping of front-end memory is
+# registered here; a SIGBUS inside one replaces the faulting page with a private zero page (the
+# access then completes, on memory the front-end threw away) and marks the mapping truncated, so
+# the control plane can close that connection.  A SIGBUS anywhere else goes to the previous
+# handler, as before.
+cdef extern from *:
+    """
+    #include <signal.h>
+    #include <stdint.h>
+    #include <string.h>
+    #include <sys/mman.h>
+    #define VHD_GUARD_SLOTS 4096
+    typedef struct { uintptr_t start, end, page; int truncated; } vhd_guard_t;
+    static vhd_guard_t vhd_guards[VHD_GUARD_SLOTS];
+    static struct sigaction vhd_old_sigbus;
+    static int vhd_sigbus_installed;
+    static uint64_t vhd_sigbus_fixups;
+
+    static void vhd_sigbus(int sig, siginfo_t *info, void *context) {
+        uintptr_t addr = (uintptr_t)info->si_addr;
+        int i;
+        (void)context;
+        if (info->si_code > 0) {
+            for (i = 0; i < VHD_GUARD_SLOTS; i++) {
+                uintptr_t start = __atomic_load_n(&vhd_guards[i].start, __ATOMIC_ACQUIRE);
+                uintptr_t end = __atomic_load_n(&vhd_guards[i].end, __ATOMIC_ACQUIRE);
+                if (start <= addr && addr < end) {
+                    uintptr_t page = vhd_guards[i].page;
+                    void *at = (void *)(addr & ~(page - 1));
+                    if (mmap(at, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                             -1, 0) == MAP_FAILED)
+                        break;
+                    __atomic_store_n(&vhd_guards[i].truncated, 1, __ATOMIC_RELEASE);
+                    __atomic_fetch_add(&vhd_sigbus_fixups, 1, __ATOMIC_RELAXED);
+                    return;
+                }
+            }
+        }
+        /* Not front-end memory: restore the previous disposition; the faulting access repeats
+           and gets it (a signal sent with kill() is raised again). */
+        sigaction(SIGBUS, &vhd_old_sigbus, NULL);
+        if (info->si_code <= 0)
+            raise(sig);
+    }
+
+    static int vhd_sigbus_install(void) {
+        struct sigaction sa;
+        if (vhd_sigbus_installed)
+            return 0;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_sigaction = vhd_sigbus;
+        sa.sa_flags = SA_SIGINFO;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGBUS, &sa, &vhd_old_sigbus) != 0)
+            return -1;
+        vhd_sigbus_installed = 1;
+        return 0;
+    }
+
+    /* Control plane only (one thread, under the GIL). */
+    static int vhd_guard_add(uintptr_t start, uintptr_t length, uintptr_t page) {
+        int i;
+        for (i = 0; i < VHD_GUARD_SLOTS; i++) {
+            if (vhd_guards[i].end == 0) {
+                vhd_guards[i].page = page;
+                vhd_guards[i].truncated = 0;
+                __atomic_store_n(&vhd_guards[i].start, start, __ATOMIC_RELEASE);
+                __atomic_store_n(&vhd_guards[i].end, start + length, __ATOMIC_RELEASE);
+                return i;
+            }
+        }
+        return -1;
+    }
+    static void vhd_guard_remove(int slot) {
+        if (slot < 0 || slot >= VHD_GUARD_SLOTS)
+            return;
+        __atomic_store_n(&vhd_guards[slot].end, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&vhd_guards[slot].start, 0, __ATOMIC_RELEASE);
+    }
+    static int vhd_guard_truncated(int slot) {
+        if (slot < 0 || slot >= VHD_GUARD_SLOTS)
+            return 0;
+        return __atomic_load_n(&vhd_guards[slot].truncated, __ATOMIC_ACQUIRE);
+    }
+    static uint64_t vhd_sigbus_fixup_count(void) { return __atomic_load_n(&vhd_sigbus_fixups, __ATOMIC_RELAXED); }
+    """
+    int vhd_sigbus_install()
+    int vhd_guard_add(size_t start, size_t length, size_t page)
+    void vhd_guard_remove(int slot)
+    int vhd_guard_truncated(int slot)
+    uint64_t vhd_sigbus_fixup_count()
+
+if vhd_sigbus_install() != 0:
+    raise OSError(errno, "cannot install the SIGBUS handler for guest memory")
+
+
+def guard_mapping(object buffer):
+    """Register a shared mapping of front-end memory that is not guest RAM (an mmap of the
+    inflight region): a SIGBUS inside it is survived.  Returns a handle for unguard_mapping()
+    and mapping_truncated()."""
+    cdef const uint8_t[:] view = buffer
+    cdef int slot
+    if view.shape[0] == 0:
+        return -1
+    slot = vhd_guard_add(<size_t>&view[0], <size_t>view.shape[0], 4096)
+    if slot < 0:
+        raise ValueError("too many guarded mappings")
+    return slot
+
+
+def unguard_mapping(int handle):
+    vhd_guard_remove(handle)
+
+
+def mapping_truncated(int handle):
+    """True if the front-end truncated the file under the mapping and we touched a lost page."""
+    return bool(vhd_guard_truncated(handle))
+
+
+def sigbus_fixups():
+    """How many SIGBUS faults in front-end memory were survived since the module was loaded."""
+    return vhd_sigbus_fixup_count()
+
 cdef extern from "<sys/stat.h>" nogil:
     struct stat:
         off_t st_size
@@ -109,6 +234,7 @@ cdef class GuestMemory:
     cdef guest_mem_t *mem
     cdef void *map_base[MAX_MEM_REGIONS]
     cdef size_t map_len[MAX_MEM_REGIONS]
+    cdef int guard[MAX_MEM_REGIONS]         # SIGBUS guard slot of each region's mapping
 
     def __cinit__(self):
         self.mem = <guest_mem_t *>calloc(1, sizeof(guest_mem_t))
@@ -161,6 +287,10 @@ cdef class GuestMemory:
             munmap(reserved, length + 2 * GUARD_BYTES)
             raise OSError(err, "mmap of memory region failed")
         i = self.mem.nregions
+        self.guard[i] = vhd_guard_add(<size_t>base, length, page)
+        if self.guard[i] < 0:
+            munmap(reserved, length + 2 * GUARD_BYTES)
+            raise ValueError("too many guarded mappings")
         self.map_base[i] = reserved
         self.map_len[i] = length + 2 * GUARD_BYTES
         r = &self.mem.regions[i]
@@ -176,11 +306,13 @@ cdef class GuestMemory:
         for i in range(self.mem.nregions):
             r = &self.mem.regions[i]
             if r.gpa == gpa and r.size == size and r.uaddr == uaddr:
+                vhd_guard_remove(self.guard[i])
                 munmap(self.map_base[i], self.map_len[i])
                 for j in range(i, self.mem.nregions - 1):
                     self.mem.regions[j] = self.mem.regions[j + 1]
                     self.map_base[j] = self.map_base[j + 1]
                     self.map_len[j] = self.map_len[j + 1]
+                    self.guard[j] = self.guard[j + 1]
                 self.mem.nregions -= 1
                 return
         raise KeyError("no memory region at gpa %#x size %#x uaddr %#x" % (gpa, size, uaddr))
@@ -193,6 +325,16 @@ cdef class GuestMemory:
 
     def __len__(self):
         return self.mem.nregions
+
+    @property
+    def truncated(self):
+        """True once the front-end truncated a region's file under us and a lost page was
+        touched (it now reads zeros): the session must end."""
+        cdef uint32_t i
+        for i in range(self.mem.nregions):
+            if vhd_guard_truncated(self.guard[i]):
+                return True
+        return False
 
     def translate(self, uint64_t gpa, uint64_t length):
         """Host segments of a guest range as (host address, length) pairs, or None if any byte is
@@ -229,6 +371,7 @@ cdef class GuestMemory:
         if self.mem == NULL:
             return
         for i in range(self.mem.nregions):
+            vhd_guard_remove(self.guard[i])
             munmap(self.map_base[i], self.map_len[i])
         self.mem.nregions = 0
 

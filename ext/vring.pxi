@@ -215,7 +215,10 @@ cdef void task_complete(task_t *task, bint failed) noexcept nogil:
     elem.len = task.used_len
     vq.used_idx += 1
     if vq.inflight_desc != NULL:
+        # The batch is linked twice: in the shared region for a successor's recovery, and in the
+        # task, which is what vq_publish follows (the front-end can rewrite the shared copy).
         vq.inflight_desc[task.head].next = vq.batch_head
+        task.batch_next = vq.batch_head
         vq.batch_head = task.head
         vq.batch_len += 1
     _account(vq, task, failed)
@@ -242,7 +245,7 @@ cdef void vq_publish(vq_t *vq) noexcept nogil:
         head = vq.batch_head
         for k in range(vq.batch_len):
             vq.inflight_desc[head].inflight = 0
-            head = vq.inflight_desc[head].next
+            head = vq.tasks[head].batch_next
         vq.batch_len = 0
         vhd_compiler_barrier()
         vq.inflight.used_idx = vq.used_idx

@@ -71,6 +71,16 @@ def test_metrics_count_rpc_calls_and_bdev_io(daemon, tmp_path):
     assert "process_cpu_seconds_total" in text and "vhostd_reactor_poll_passes_total" in text
 
 
+def test_unknown_method_names_share_one_metrics_label(daemon):
+    port = free_port()
+    daemon("--http", "127.0.0.1:%d" % port)
+    status, body = http(port, body=[{"method": "no_such_method_%d" % i, "id": i} for i in range(200)])
+    assert status == 200 and len(json.loads(body)) == 200
+    text = http(port, "/metrics")[1].decode()
+    assert 'vhostd_rpc_calls_total{method="unknown",outcome="not_found"} 200.0' in text
+    assert "no_such_method" not in text
+
+
 def test_bad_http_auth_file_stops_startup(tmp_path):
     bad = tmp_path / "auth"
     bad.write_text("no-colon-here\n")

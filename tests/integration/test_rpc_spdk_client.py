@@ -119,6 +119,11 @@ def test_bad_names_are_refused_and_nothing_stays(daemon):
     with pytest.raises(RpcCallError) as exc:
         d.rpc("bdev_malloc_create", num_blocks=8, block_size=500)
     assert exc.value.code == -22
+    for method in ("bdev_malloc_create", "bdev_null_create"):
+        with pytest.raises(RpcCallError) as exc:
+            d.rpc(method, name="Z0", num_blocks=8, block_size=0, physical_block_size=4096)
+        assert (exc.value.code, exc.value.message) == (-22, "Invalid argument")
+    assert "Traceback" not in d.log()
     with pytest.raises(RpcCallError) as exc:
         d.rpc("bdev_malloc_create", num_blocks=8, block_size=512, bogus=1)
     assert (exc.value.code, exc.value.message) == (-32603, "spdk_json_decode_object failed")

@@ -91,3 +91,10 @@ def test_batches(sock):
 def test_params_must_be_an_object(sock):
     raw, _ = exchange(sock, b'{"method":"bdev_get_bdevs","params":["x"],"id":1}')
     assert lines(raw)[0]["error"] == {"code": -32603, "message": "spdk_json_decode_object failed"}
+
+
+@pytest.mark.parametrize("bad_id", [b"[1]", b'{"a":1}', b"true", b"[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]"])
+def test_an_id_that_is_not_string_number_or_null_is_answered_with_id_null(sock, bad_id):
+    raw, closed = exchange(sock, b'{"method":"log_get_level","id":' + bad_id + b"}")
+    assert lines(raw) == [{"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Invalid request"}}]
+    assert not closed

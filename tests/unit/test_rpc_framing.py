@@ -5,7 +5,7 @@ import pytest
 from vhostd import cpumask
 from vhostd.errors import InvalidArgument
 from vhostd.rpc import schema
-from vhostd.rpc.framing import FramingError, JsonStreamDecoder, encode_response
+from vhostd.rpc.framing import FramingError, JsonStreamDecoder, decode_document, encode_response
 
 
 def values(decoder):
@@ -79,3 +79,26 @@ def test_cpumask_outside_the_app_mask_is_refused():
 
 def test_checked_in_rpc_schemas_are_current():
     assert schema.main(["--check"]) == 0, "run: python -m vhostd.rpc.schema"
+
+
+def test_nesting_deeper_than_spdk_allows_is_a_framing_error_before_decoding():
+    d = JsonStreamDecoder()
+    d.feed(b"[" * 64 + b"1" + b"]" * 64)
+    assert values(d) == [eval("[" * 64 + "1" + "]" * 64)]
+    for depth in (65, 1000, 100000):
+        d = JsonStreamDecoder()
+        d.feed(b'{"method":"x","params":' + b"[" * depth + b"]" * depth + b"}")
+        with pytest.raises(FramingError, match="nested deeper"):
+            d.next_value()
+    d = JsonStreamDecoder()
+    d.feed(b"[" * 65)                     # refused before the value is complete
+    with pytest.raises(FramingError):
+        d.next_value()
+
+
+def test_decode_document_takes_exactly_one_value():
+    assert decode_document(b' {"a": [1]} \n') == {"a": [1]}
+    assert decode_document(b"17") == 17
+    for bad in (b"", b"   ", b'{"a":1}{"b":2}', b'{"a":1} x', b"[1", b"[" * 65 + b"]" * 65, b"\xff"):
+        with pytest.raises(FramingError):
+            decode_document(bad)

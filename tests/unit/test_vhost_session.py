@@ -203,9 +203,18 @@ def test_extra_fds_are_closed_and_break_the_session(session):
         os.fstat(fd)
 
 
-def test_fds_on_a_request_that_takes_none_are_closed(session):
+@pytest.mark.parametrize("request_, body", [
+    (Request.GET_FEATURES, b""),
+    (Request.SET_OWNER, b""),
+    (Request.SET_PROTOCOL_FEATURES, p.encode_u64(0)),
+    (Request.SET_VRING_NUM, p.VringState(0, 64).encode()),
+    (Request.SET_VRING_ENABLE, p.VringState(0, 1).encode()),
+    (Request.GET_VRING_BASE, p.VringState(0, 0).encode()),
+    (Request.GET_CONFIG, p.ConfigSpace(0, 8, 0, bytes(8)).encode()),
+])
+def test_fds_sent_with_a_request_that_takes_none_are_closed(session, request_, body):
     fds = [eventfd(), eventfd()]
-    session.receive(message(Request.SET_OWNER, fds=fds))
+    session.receive(message(request_, body, fds))
     assert not session.broken
     for fd in fds:
         with pytest.raises(OSError):

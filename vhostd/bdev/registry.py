@@ -162,6 +162,8 @@ class BdevRegistry:
 
 
 def _check_physical(physical_block_size: int, block_size: int) -> None:
+    if block_size == 0:
+        return          # refused by the disk, with the rule for block sizes
     if physical_block_size and (physical_block_size < block_size or physical_block_size % block_size):
         raise InvalidArgument("physical_block_size %d must be a multiple of block_size %d"
                               % (physical_block_size, block_size))

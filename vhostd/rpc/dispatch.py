@@ -32,6 +32,7 @@ ALREADY_INITIALIZED = (-1, "Method may only be called before framework is initia
                            "--wait-for-rpc command line parameter and then issue this RPC before "
                            "the framework_start_init RPC.")
 _MISSING = object()
+UNKNOWN_METHOD_LABEL = "unknown"
 
 
 def error_reply(code: int, message: str, request_id: Any = None) -> dict:
@@ -63,14 +64,17 @@ class Dispatcher:
             request_id = None
         method = request.get("method")
         params = request.get("params")
+        if (request_id is not None and not isinstance(request_id, (str, int, float))) \
+                or isinstance(request_id, bool):
+            # An id that is not a string, number or null is not echoed (SPDK replies id null).
+            return error_reply(*INVALID_REQUEST)
         if (request.get("jsonrpc", "2.0") != "2.0" or not isinstance(method, str)
-                or not isinstance(params, (dict, list, type(None)))
-                or (request_id is not None and not isinstance(request_id, (str, int, float)))
-                or isinstance(request_id, bool)):
+                or not isinstance(params, (dict, list, type(None)))):
             return error_reply(*INVALID_REQUEST, request_id)
         spec = self.registry.lookup(method)
         if spec is None:
-            self.observe(method if len(method) < 64 else "?", "not_found")
+            # One label for every unknown name: clients cannot grow the metrics without bound.
+            self.observe(UNKNOWN_METHOD_LABEL, "not_found")
             return error_reply(*METHOD_NOT_FOUND, request_id)
         if method != spec.name:
             self.app.note_alias_use(method, spec.name)

@@ -3,7 +3,8 @@ decoded value at a time out; responses out as compact JSON plus a newline.
 
 SPDK parses each complete top-level value, keeps the remainder and skips whitespace; there is no
 length prefix and no required separator.  Malformed JSON is fatal for the connection (a -32700
-reply, then close).
+reply, then close).  So is nesting deeper than SPDK's parser allows (SPDK_JSON_MAX_NESTING_DEPTH):
+it is refused while scanning, before Python's recursive decoder could run out of stack.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from typing import Any
 
 MAX_BUFFERED = 256 * 1024          # SPDK's receive buffer: a larger request cannot be parsed
+MAX_DEPTH = 64                     # SPDK_JSON_MAX_NESTING_DEPTH (lib/json)
 _WS = b" \t\r\n"
 _DELIMITERS = b" \t\r\n{}[]\","
 
@@ -76,6 +78,8 @@ class JsonStreamDecoder:
                     in_string = True
                 elif c in b"{[":
                     depth += 1
+                    if depth > MAX_DEPTH:
+                        raise FramingError("JSON nested deeper than %d levels" % MAX_DEPTH)
                 elif c in b"}]":
                     depth -= 1
                     if depth == 0:
@@ -99,6 +103,19 @@ class JsonStreamDecoder:
             if buf[i] in _DELIMITERS:
                 return i
         return None
+
+
+def decode_document(data: bytes) -> Any:
+    """One whole JSON document (an HTTP body), with the stream's limits on nesting; FramingError
+    for anything else (malformed, nested too deep, trailing bytes)."""
+    decoder = JsonStreamDecoder(max_buffered=len(data) + 1)
+    decoder.feed(data + b" ")        # a bare number at the very end is complete
+    complete, value = decoder.next_value()
+    if not complete:
+        raise FramingError("incomplete JSON document")
+    if decoder.next_value()[0] or decoder.buffered:
+        raise FramingError("extra data after the JSON document")
+    return value
 
 
 def encode_response(message: dict | list) -> bytes:

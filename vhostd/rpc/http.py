@@ -18,6 +18,7 @@ import logging
 from aiohttp import web
 
 from .dispatch import INVALID_REQUEST, PARSE_ERROR, Dispatcher, error_reply
+from .framing import FramingError, decode_document
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,8 @@ class HttpServer:
             return self._refused(request)
         body = await request.read()
         try:
-            value = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            value = decode_document(body)
+        except FramingError:
             return web.json_response(error_reply(*PARSE_ERROR))
         if not isinstance(value, (dict, list)):
             return web.json_response(error_reply(*INVALID_REQUEST))

@@ -71,6 +71,7 @@ class Connection:
         self.session = s.Session(self.device)
         self.memory: dp.GuestMemory | None = None
         self.inflight_map: mmap.mmap | None = None
+        self.inflight_guard = -1          # dp.guard_mapping handle of inflight_map
         self.inflight_fd: int | None = None
         self.inflight_stride = 0
         self.inflight_queues = 0
@@ -94,6 +95,7 @@ class Connection:
                 log.debug("%s: %s", self.name, msg.name())
                 effects = self.session.receive(msg)
                 await self.execute(effects)
+                self._check_truncation()
         except ConnectionClosed:
             log.info("%s: front-end disconnected", self.name)
         except p.ProtocolError as exc:
@@ -143,6 +145,13 @@ class Connection:
         return []
 
     # -- memory -------------------------------------------------------------------------------
+    def _check_truncation(self) -> None:
+        """The front-end shrank a file we map (guest RAM or the inflight region) and the data
+        plane touched a lost page (a SIGBUS survived in _dataplane): end the session."""
+        if (self.memory is not None and self.memory.truncated) or (
+                self.inflight_guard >= 0 and dp.mapping_truncated(self.inflight_guard)):
+            raise p.ProtocolError("the front-end truncated shared memory under the device")
+
     def _map_memory(self, effect: s.MapMemory) -> None:
         old = self.memory
         memory = dp.GuestMemory()
@@ -182,6 +191,8 @@ class Connection:
 
     # -- inflight tracking --------------------------------------------------------------------
     def _release_inflight(self) -> None:
+        dp.unguard_mapping(self.inflight_guard)
+        self.inflight_guard = -1
         if self.inflight_map is not None:
             self.inflight_map.close()
             self.inflight_map = None
@@ -203,6 +214,7 @@ class Connection:
             raise
         self._release_inflight()
         self.inflight_map, self.inflight_fd = region, fd
+        self.inflight_guard = dp.guard_mapping(region)     # the front-end gets this fd too
         self.inflight_stride, self.inflight_queues = stride, effect.num_queues
         self.inflight_base = 0
         return self.session.inflight_created(effect, fd, size)
@@ -225,6 +237,7 @@ class Connection:
         self._release_inflight()
         self.inflight_fd = effect.fd
         self.inflight_map = whole
+        self.inflight_guard = dp.guard_mapping(whole)
         self.inflight_stride = stride
         self.inflight_queues = effect.num_queues
         self.inflight_base = effect.mmap_offset

@@ -1,0 +1,49 @@
+"""Fuzz tests: a real vhostd per module, bounded example counts by default and larger ones with
+``VHOSTD_FUZZ_SOAK=1`` (the soak run of docs/security.md)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from tests.helpers.daemon import Daemon
+
+SOAK = os.environ.get("VHOSTD_FUZZ_SOAK") == "1"
+
+
+def examples(default: int, soak: int) -> int:
+    """Hypothesis max_examples: bounded for the normal run, larger for a soak."""
+    return soak if SOAK else default
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_fd_count(pid: int) -> int:
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def proc_map_count(pid: int) -> int:
+    with open("/proc/%d/maps" % pid) as f:
+        return sum(1 for _ in f)
+
+
+@pytest.fixture(scope="module")
+def fuzz_daemon(request):
+    """A running vhostd with the HTTP endpoint on a free loopback port (``.http_url``)."""
+    port = free_tcp_port()
+    d = Daemon("--http", "127.0.0.1:%d" % port)
+    d.http_url = "http://127.0.0.1:%d/" % port
+    d.http_port = port
+    d.start()
+    yield d
+    d.stop()
+    if any(getattr(item, "rep_call_failed", False) for item in request.session.items
+           if item.module is request.module):
+        print(d.log()[-20000:])
+    d.cleanup()
