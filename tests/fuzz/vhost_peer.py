@@ -112,8 +112,8 @@ class HostilePeer:
 
 
 # -- fds a front-end may attach -----------------------------------------------------------------
-def memfd(size: int, name: str = "fuzz-guest") -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+def memfd(size: int, name: str = "fuzz-guest", sealable: bool = False) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
     os.ftruncate(fd, size)
     return fd
 
