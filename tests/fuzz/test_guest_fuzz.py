@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,26 +117,31 @@ def _source_hash() -> str:
 
 def build_asan_tree() -> Path:
     """A copy of the package with the extension built with VHOSTD_ASAN=1, in a temporary
-    directory keyed by the extension's sources (rebuilt when they change)."""
+    directory keyed by the extension's sources (built once per version of them).  Built aside and
+    renamed into place, so concurrent runs (other checkouts too) never see a half-built tree."""
     root = Path("/tmp") / ("vhostd-asan-%s" % _source_hash())
-    done = root / ".built"
-    if done.exists():
+    if (root / ".built").exists():
         return root
-    for stale in Path("/tmp").glob("vhostd-asan-*"):       # builds of older sources
-        shutil.rmtree(stale, ignore_errors=True)
-    root.mkdir(parents=True)
-    shutil.copytree(REPO_ROOT / "vhostd", root / "vhostd",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    shutil.copytree(REPO_ROOT / "ext", root / "ext", ignore=shutil.ignore_patterns("*.c", "*.so"))
-    shutil.copy2(REPO_ROOT / "setup.py", root / "setup.py")
-    (root / "scripts").mkdir()
-    shutil.copy2(FUZZ_SCRIPT, root / "scripts" / "fuzz.py")
-    env = dict(os.environ, VHOSTD_ASAN="1")
-    result = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=900)
-    if result.returncode != 0:
-        raise RuntimeError("ASAN build failed:\n" + result.stdout[-3000:] + result.stderr[-3000:])
-    done.write_text("ok\n")
+    work = Path(tempfile.mkdtemp(prefix="vhostd-asan-build-", dir="/tmp"))
+    try:
+        shutil.copytree(REPO_ROOT / "vhostd", work / "vhostd",
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+        shutil.copytree(REPO_ROOT / "ext", work / "ext", ignore=shutil.ignore_patterns("*.c", "*.so"))
+        shutil.copy2(REPO_ROOT / "setup.py", work / "setup.py")
+        (work / "scripts").mkdir()
+        env = dict(os.environ, VHOSTD_ASAN="1")
+        result = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=work,
+                                env=env, capture_output=True, text=True, timeout=900)
+        if result.returncode != 0:
+            raise RuntimeError("ASAN build failed:\n" + result.stdout[-3000:] + result.stderr[-3000:])
+        (work / ".built").write_text("ok\n")
+        try:
+            os.rename(work, root)
+        except OSError:
+            if not (root / ".built").exists():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return root
 
 
@@ -148,6 +154,7 @@ def test_guest_fuzzer_in_process_under_address_sanitizer():
     assert so, "the ASAN build produced no extension"
     nm = subprocess.run(["nm", "-D", str(so[0])], capture_output=True, text=True)
     assert "__asan" in nm.stdout, "the extension is not instrumented"
+    shutil.copy2(FUZZ_SCRIPT, root / "scripts" / "fuzz.py")
     env = dict(os.environ, PYTHONPATH=str(root), LD_PRELOAD=libasan,
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1")
     env.pop("PYTHONHOME", None)
