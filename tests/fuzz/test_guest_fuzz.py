@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def test_adversarial_descriptor_chains_complete_with_errors_or_break_the_ring(da
                        seed=11 if scribble else 5, scribble_inflight=scribble,
                        deadline_s=None if SOAK else 25)
     print(report.summary())
-    assert not report.findings, report.summary()
+    assert not report.findings, "\n".join(report.findings[:20])
     assert report.iterations >= 50 and report.good_checks >= 1
     # Every kind of hostile chain was tried, and the structural ones did break the ring.
     assert set(report.tried) == set(fuzz.CASES)
@@ -116,26 +117,31 @@ def _source_hash() -> str:
 
 def build_asan_tree() -> Path:
     """A copy of the package with the extension built with VHOSTD_ASAN=1, in a temporary
-    directory keyed by the extension's sources (rebuilt when they change)."""
+    directory keyed by the extension's sources (built once per version of them).  Built aside and
+    renamed into place, so concurrent runs (other checkouts too) never see a half-built tree."""
     root = Path("/tmp") / ("vhostd-asan-%s" % _source_hash())
-    done = root / ".built"
-    if done.exists():
+    if (root / ".built").exists():
         return root
-    for stale in Path("/tmp").glob("vhostd-asan-*"):       # builds of older sources
-        shutil.rmtree(stale, ignore_errors=True)
-    root.mkdir(parents=True)
-    shutil.copytree(REPO_ROOT / "vhostd", root / "vhostd",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    shutil.copytree(REPO_ROOT / "ext", root / "ext", ignore=shutil.ignore_patterns("*.c", "*.so"))
-    shutil.copy2(REPO_ROOT / "setup.py", root / "setup.py")
-    (root / "scripts").mkdir()
-    shutil.copy2(FUZZ_SCRIPT, root / "scripts" / "fuzz.py")
-    env = dict(os.environ, VHOSTD_ASAN="1")
-    result = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=900)
-    if result.returncode != 0:
-        raise RuntimeError("ASAN build failed:\n" + result.stdout[-3000:] + result.stderr[-3000:])
-    done.write_text("ok\n")
+    work = Path(tempfile.mkdtemp(prefix="vhostd-asan-build-", dir="/tmp"))
+    try:
+        shutil.copytree(REPO_ROOT / "vhostd", work / "vhostd",
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+        shutil.copytree(REPO_ROOT / "ext", work / "ext", ignore=shutil.ignore_patterns("*.c", "*.so"))
+        shutil.copy2(REPO_ROOT / "setup.py", work / "setup.py")
+        (work / "scripts").mkdir()
+        env = dict(os.environ, VHOSTD_ASAN="1")
+        result = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=work,
+                                env=env, capture_output=True, text=True, timeout=900)
+        if result.returncode != 0:
+            raise RuntimeError("ASAN build failed:\n" + result.stdout[-3000:] + result.stderr[-3000:])
+        (work / ".built").write_text("ok\n")
+        try:
+            os.rename(work, root)
+        except OSError:
+            if not (root / ".built").exists():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return root
 
 
@@ -148,16 +154,18 @@ def test_guest_fuzzer_in_process_under_address_sanitizer():
     assert so, "the ASAN build produced no extension"
     nm = subprocess.run(["nm", "-D", str(so[0])], capture_output=True, text=True)
     assert "__asan" in nm.stdout, "the extension is not instrumented"
+    shutil.copy2(FUZZ_SCRIPT, root / "scripts" / "fuzz.py")
     env = dict(os.environ, PYTHONPATH=str(root), LD_PRELOAD=libasan,
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1")
     env.pop("PYTHONHOME", None)
     iterations = "5000" if SOAK else "300"
     result = subprocess.run([sys.executable, str(root / "scripts" / "fuzz.py"), "--target", "inproc",
                              "--iterations", iterations, "--seed", "23", "--scribble-inflight",
-                             "--max-seconds", "600" if SOAK else "15"],
+                             "--max-seconds", "600" if SOAK else "15", "--timeout", "10"],
                             cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     output = result.stdout + result.stderr
     print(output[-4000:])
+    findings = [line for line in output.splitlines() if "FINDING" in line or "Error" in line]
     assert "AddressSanitizer" not in output, output[-8000:]
-    assert result.returncode == 0, output[-8000:]
-    assert "findings 0" in result.stdout
+    assert result.returncode == 0, "\n".join(findings) + "\n" + output[-3000:]
+    assert "findings 0" in result.stdout, "\n".join(findings)
