@@ -77,3 +77,12 @@ def test_unreachable_socket_is_reported_as_a_failure(tmp_path, capsys):
                        "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["results"] == [] and "nobody" in report["failures"][0]
+
+
+def test_a_target_whose_setup_fails_does_not_outlive_the_failure(tmp_path):
+    from vhostd.initiator.targets import VhostdTarget
+    target = VhostdTarget("file", image=str(tmp_path / "no-such-dir" / "disk.img"))
+    with pytest.raises(Exception):
+        with target:
+            pass
+    assert target.proc is None                       # the daemon it started was stopped

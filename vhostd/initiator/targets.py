@@ -79,7 +79,11 @@ class _Target:
             self._tmp = None
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()          # a target that failed half-way (e.g. an RPC refused) must not linger
+            raise
 
     def __exit__(self, *exc) -> None:
         self.close()
@@ -375,7 +379,8 @@ class InProcessVhostdTarget(_Target):
             return
 
         async def teardown():
-            await self.controller.stop()
+            if getattr(self, "controller", None) is not None:
+                await self.controller.stop()
             await self.reactors.stop()
 
         self._run(teardown())
