@@ -914,7 +914,7 @@ cdef void scsi_request_handle(vq_t *vq, task_t *task) noexcept nogil:
 # asynchronous-notification queries (no events supported)
 # ---------------------------------------------------------------------------------------------
 cdef bint _scsi_idle(scsi_dev_t *dev, uint32_t target) noexcept nogil:
-    cdef uint32_t i
+    cdef int i
     if target != NO_TARGET:
         return vhd_load_u32_sc(&dev.targets[target].inflight) == 0
     for i in range(MAX_SCSI_TARGETS):
