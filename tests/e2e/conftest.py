@@ -66,6 +66,22 @@ def socket_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
+def sparse_file(tmp_path: Path) -> Callable[[int], Path]:
+    """A factory: ``sparse_file(size_bytes)`` is a new all-zero (sparse) file under tmp_path, for file
+    bdevs whose bytes a test checks afterwards."""
+    made = []
+
+    def make(size_bytes: int) -> Path:
+        path = tmp_path / ("disk.img" if not made else "disk-%d.img" % len(made))
+        with open(path, "wb") as f:
+            f.truncate(size_bytes)
+        made.append(path)
+        return path
+
+    return make
+
+
+@pytest.fixture
 def vhostd(socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
     """A factory: ``vhostd(*args)`` starts a vhostd daemon with its sockets under socket_dir; every
     daemon it started is stopped at teardown and its log printed (shown when a test fails)."""

@@ -18,10 +18,8 @@ def expected_pattern() -> bytes:
     return b"".join(b"%d\n" % i for i in range(PATTERN_FIRST, PATTERN_LAST + 1))
 
 
-def test_guest_reads_and_writes_malloc_and_file_disks(vhostd, boot_guest, tmp_path):
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(32 << 20)
+def test_guest_reads_and_writes_malloc_and_file_disks(vhostd, boot_guest, sparse_file):
+    image = sparse_file(32 << 20)
     d = vhostd()
     d.spdk("bdev_malloc_create", "-b", "Malloc0", "64", "512")
     d.spdk("bdev_aio_create", str(image), "File0")

@@ -37,10 +37,8 @@ def io_errors(guest) -> str:
     return guest.run("dmesg | grep -iE 'I/O error|blk_update_request|critical'")[1]
 
 
-def test_guest_reboot_resets_the_device_and_keeps_its_data(vhostd, boot_guest, tmp_path):
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(16 * MIB)
+def test_guest_reboot_resets_the_device_and_keeps_its_data(vhostd, boot_guest, sparse_file):
+    image = sparse_file(16 * MIB)
     d = vhostd("-L", "DEBUG")
     d.spdk("bdev_aio_create", str(image), "File0")
     d.spdk("vhost_create_blk_controller", "vhost.0", "File0")
@@ -131,10 +129,8 @@ def start_writers(guest, disk: str = "/dev/vda", count: int = 2) -> None:
                 " || { echo $? > /tmp/wrc$i; break; }; done) & done")
 
 
-def test_qemu_killed_mid_io_releases_the_session_and_a_new_qemu_attaches(vhostd, boot_guest, tmp_path):
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(16 * MIB)
+def test_qemu_killed_mid_io_releases_the_session_and_a_new_qemu_attaches(vhostd, boot_guest, sparse_file):
+    image = sparse_file(16 * MIB)
     d = vhostd("-L", "INFO")
     d.spdk("bdev_aio_create", str(image), "File0")
     d.spdk("vhost_create_blk_controller", "vhost.0", "File0")
@@ -173,13 +169,11 @@ def writer_codes(guest, count: int = 2) -> list[int]:
 
 
 @pytest.fixture
-def two_controllers(vhostd, boot_guest, tmp_path):
+def two_controllers(vhostd, boot_guest, sparse_file):
     """vhost.0 serves File0 (a 16 MiB file), vhost.1 serves Malloc1; a guest has vhost.1 as vda
     and vhost.0, hot-plugged, as vdb.  Also the daemon's fds and memfd mappings as they should be
     once vhost.0 and File0 are gone (recorded before vhost.0's front-end came)."""
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(16 * MIB)
+    image = sparse_file(16 * MIB)
     d = vhostd("-L", "INFO")
     d.spdk("bdev_aio_create", str(image), "File0")
     d.spdk("bdev_malloc_create", "-b", "Malloc1", "16", "512")

@@ -25,10 +25,8 @@ def write_config(path, image):
 
 
 @pytest.fixture
-def setup(socket_dir, tmp_path):
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(DISK_MIB << 20)
+def setup(socket_dir, tmp_path, sparse_file):
+    image = sparse_file(DISK_MIB << 20)
     config = tmp_path / "config.json"
     write_config(config, image)
     workdir = socket_dir / "d"

@@ -24,10 +24,8 @@ def disks_by_target(guest) -> dict[int, str]:
     return out
 
 
-def test_guest_sees_scsi_targets_with_their_geometry_and_identity(vhostd, boot_guest, tmp_path):
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(32 << 20)
+def test_guest_sees_scsi_targets_with_their_geometry_and_identity(vhostd, boot_guest, sparse_file):
+    image = sparse_file(32 << 20)
     d = vhostd()
     d.spdk("bdev_malloc_create", "-b", "Malloc0", "64", "512")
     d.spdk("bdev_aio_create", str(image), "File0")
