@@ -415,12 +415,17 @@ class Builder:
             self.ring.desc(ids[k], gpa, length, flags, nxt)
         return ids[0]
 
-    def indirect(self, segments, table_len=None, table_addr=None, head_flags=F_INDIRECT) -> int:
+    def write_table(self, segments) -> int:
+        """A new indirect table holding segments as one well-linked chain; returns its address."""
         table = self.table(max(1, len(segments)))
         for k, (gpa, length, writable) in enumerate(segments):
             last = k == len(segments) - 1
             flags = (F_WRITE if writable else 0) | (0 if last else F_NEXT)
             self.ring.desc(k, gpa, length, flags, 0 if last else k + 1, table=table)
+        return table
+
+    def indirect(self, segments, table_len=None, table_addr=None, head_flags=F_INDIRECT) -> int:
+        table = self.write_table(segments)
         (head,) = self.ring.take(1)
         self.ring.desc(head, table if table_addr is None else table_addr,
                        16 * len(segments) if table_len is None else table_len, head_flags)
@@ -526,11 +531,7 @@ class Builder:
 
     def case_nested_indirect(self):
         segs, st = self.valid_segments()
-        inner = self.table(len(segs))
-        for k, (gpa, length, writable) in enumerate(segs):
-            last = k == len(segs) - 1
-            self.ring.desc(k, gpa, length, (F_WRITE if writable else 0) | (0 if last else F_NEXT),
-                           0 if last else k + 1, table=inner)
+        inner = self.write_table(segs)
         outer = self.table(2)
         self.ring.desc(0, inner, 16 * len(segs), F_INDIRECT | F_NEXT, 1, table=outer)
         self.ring.desc(1, st, 1, F_WRITE, table=outer)
@@ -545,11 +546,7 @@ class Builder:
 
     def case_indirect_not_alone(self):
         segs, st = self.valid_segments()
-        table = self.table(len(segs))
-        for k, (gpa, length, writable) in enumerate(segs):
-            last = k == len(segs) - 1
-            self.ring.desc(k, gpa, length, (F_WRITE if writable else 0) | (0 if last else F_NEXT),
-                           0 if last else k + 1, table=table)
+        table = self.write_table(segs)
         first, second = self.ring.take(2)
         hdr = self.header(T_IN, 0)
         self.ring.desc(first, hdr, 16, F_NEXT, second)
