@@ -201,6 +201,17 @@ def delete_in_background(d, ctrlr: str):
     return thread, result
 
 
+def unplug_and_finish_delete(d, guest, thread, result) -> None:
+    """Unplug vhost.0 from the guest; the pending vhost_delete_controller then completes, its
+    socket is gone and the daemon still runs."""
+    guest.unplug("gone")
+    thread.join(30)
+    assert result == [True]
+    assert [c["ctrlr"] for c in d.rpc("vhost_get_controllers")] == ["vhost.1"]
+    assert not (d.socket_dir / "vhost.0").exists()
+    assert d.proc.poll() is None
+
+
 def test_bdev_hot_removed_under_a_writing_guest_fails_its_io_and_nothing_else(two_controllers):
     d, guest, image, (fds_idle, maps_idle) = two_controllers
     start_writers(guest, "/dev/vdb")
@@ -220,12 +231,7 @@ def test_bdev_hot_removed_under_a_writing_guest_fails_its_io_and_nothing_else(tw
 
     # The controller goes when its front-end does; then the file and the session are let go.
     thread, result = delete_in_background(d, "vhost.0")
-    guest.unplug("gone")
-    thread.join(30)
-    assert result == [True]
-    assert [c["ctrlr"] for c in d.rpc("vhost_get_controllers")] == ["vhost.1"]
-    assert not (d.socket_dir / "vhost.0").exists()
-    assert d.proc.poll() is None
+    unplug_and_finish_delete(d, guest, thread, result)
     assert not any(str(image) in fd for fd in open_fds(d.proc.pid))
     assert_released(d.proc.pid, fds_idle, maps_idle)
     assert read_md5(guest, 2, disk="/dev/vda") == hashlib.md5(pattern(5000000)).hexdigest()
@@ -248,12 +254,7 @@ def test_controller_deleted_under_a_writing_guest_goes_when_the_guest_lets_go(tw
     assert read_md5(guest, 2, disk="/dev/vda") == hashlib.md5(pattern(6000000)).hexdigest()
 
     # Unplugged with its writers still running: QEMU stops the rings with requests in flight.
-    guest.unplug("gone")
-    thread.join(30)
-    assert result == [True]
-    assert [c["ctrlr"] for c in d.rpc("vhost_get_controllers")] == ["vhost.1"]
-    assert not (d.socket_dir / "vhost.0").exists()
-    assert d.proc.poll() is None
+    unplug_and_finish_delete(d, guest, thread, result)
     assert "vda" not in io_errors(guest)
     assert read_md5(guest, 2, disk="/dev/vda") == hashlib.md5(pattern(6000000)).hexdigest()
     # The bdev outlives its controller and still holds what the guest wrote.
