@@ -186,7 +186,8 @@ cdef void _scsi_io_done(bdev_io_t *io) noexcept nogil:
 
 
 cdef void _scsi_submit(vq_t *vq, task_t *task, scsi_target_t *t, uint32_t op, uint64_t offset,
-                       uint64_t length, int first, int count) noexcept nogil:
+                       uint64_t length, int first, int count, range_t *ranges=NULL,
+                       uint32_t nranges=0) noexcept nogil:
     cdef bdev_io_t *io = &task.io
     io.bdev = t.bdev
     io.op = op
@@ -194,8 +195,8 @@ cdef void _scsi_submit(vq_t *vq, task_t *task, scsi_target_t *t, uint32_t op, ui
     io.length = length
     io.iov = &task.iov[first] if count else NULL
     io.iovcnt = count
-    io.ranges = NULL
-    io.nranges = 0
+    io.ranges = ranges
+    io.nranges = nranges
     io.cb = _scsi_io_done
     io.cb_arg = task
     io.stats = &vq.target_stats[task.scsi.target]
@@ -473,18 +474,7 @@ cdef void _scsi_unmap(vq_t *vq, task_t *task, scsi_target_t *t, const uint8_t *c
     if nranges == 0:
         scsi_finish(task)
         return
-    task.io.bdev = t.bdev
-    task.io.op = OP_UNMAP
-    task.io.offset = 0
-    task.io.length = 0
-    task.io.iov = NULL
-    task.io.iovcnt = 0
-    task.io.ranges = ranges
-    task.io.nranges = nranges
-    task.io.cb = _scsi_io_done
-    task.io.cb_arg = task
-    task.io.stats = &vq.target_stats[c.target]
-    bdev_submit(vq.io, &task.io)
+    _scsi_submit(vq, task, t, OP_UNMAP, 0, 0, 0, 0, ranges, nranges)
 
 
 # ---------------------------------------------------------------------------------------------
