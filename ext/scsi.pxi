@@ -320,6 +320,7 @@ cdef void _scsi_ws_run(task_t *task) noexcept nogil:
     cdef int first = task.n_iov
     cdef uint32_t per_chunk = (MAX_IOV - first) // c.pattern_count
     cdef uint32_t chunk, k, s
+    cdef int finished
     while True:
         if io.status != 0:
             _scsi_io_error(task, OP_WRITE, io.status)
@@ -346,11 +347,10 @@ cdef void _scsi_ws_run(task_t *task) noexcept nogil:
         c.lba += chunk
         c.blocks_left -= chunk
         c.in_submit = 1
-        io.status = 1          # still running
-        bdev_submit(vq.io, io)
+        finished = bdev_submit(vq.io, io)
         c.in_submit = 0
-        if io.status == 1:
-            return             # asynchronous: _scsi_ws_done resumes
+        if not finished:
+            return             # completes later (ring, virtio, QoS queue): _scsi_ws_done resumes
 
 
 cdef void _scsi_write_same(vq_t *vq, task_t *task, scsi_target_t *t, const uint8_t *cdb) noexcept nogil:
