@@ -76,11 +76,21 @@ class Rig:
         self.memory.close()
 
 
-@pytest.fixture
-def rig():
+@pytest.fixture(params=["malloc", "file"])
+def rig(request, tmp_path):
+    """A Rig maker; the default disk (2 MiB, 512-byte blocks) is once in memory (completes inside
+    the submit) and once a file (completes later, from the io_uring ring)."""
     rigs = []
+
+    def default_disk():
+        if request.param == "malloc":
+            return dp.Disk.malloc(512, 4096)
+        path = tmp_path / "default.img"
+        path.write_bytes(bytes(4096 * 512))
+        return dp.Disk.file(str(path), 512)
+
     def make(disk=None, **kw):
-        r = Rig(disk or dp.Disk.malloc(512, 4096), **kw)
+        r = Rig(disk or default_disk(), **kw)
         rigs.append(r)
         return r
     yield make

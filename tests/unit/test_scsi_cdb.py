@@ -122,12 +122,21 @@ class ScsiRig:
         self.memory.close()
 
 
-@pytest.fixture
-def rig():
+@pytest.fixture(params=["malloc", "file"])
+def rig(request, tmp_path):
+    """A ScsiRig maker; by default target 0 is a 4 MiB disk of 512-byte blocks, once in memory
+    (completes inside the submit) and once a file (completes later, from the io_uring ring)."""
     rigs = []
 
+    def default_disk():
+        if request.param == "malloc":
+            return dp.Disk.malloc(512, 8192)
+        path = tmp_path / "default.img"
+        path.write_bytes(bytes(8192 * 512))
+        return dp.Disk.file(str(path), 512)
+
     def make(disks=None, **kw):
-        r = ScsiRig(disks if disks is not None else {0: dp.Disk.malloc(512, 8192)}, **kw)
+        r = ScsiRig(disks if disks is not None else {0: default_disk()}, **kw)
         rigs.append(r)
         return r
     yield make
@@ -309,15 +318,9 @@ def read_blocks(r, lba, blocks, target=0):
     return res.data
 
 
-@pytest.mark.parametrize("kind", ["malloc", "file"])
-def test_write_same_repeats_a_pattern_over_many_chunks(rig, tmp_path, kind):
-    # The file bdev completes later, from the ring: each chunk must wait for the one before.
-    if kind == "file":
-        path = tmp_path / "disk.img"
-        path.write_bytes(bytes(8192 * 512))
-        r = rig({0: dp.Disk.file(str(path), 512)})
-    else:
-        r = rig()
+def test_write_same_repeats_a_pattern_over_many_chunks(rig):
+    # On the file disk each chunk completes later, from the ring, and must wait for the one before.
+    r = rig()
     pattern = bytes(range(256)) * 2
     res = r.command(bytes([0x93, 0]) + struct.pack(">QI", 10, 300) + b"\0\0", data_out=pattern)
     assert res.status == GOOD
