@@ -130,3 +130,17 @@ class SplitRing:
         q = dp.VirtQueue(index)
         q.configure(memory, self.size, *self.addresses(), last_avail, self.event_idx, True)
         return q
+
+
+# The kinds of disk the data-plane rigs run their default-disk tests on: memory completes inside
+# the submit, a file later, from the io_uring ring.
+DISK_KINDS = ["malloc", "file"]
+
+
+def make_disk(kind: str, directory, block_size: int, num_blocks: int) -> "dp.Disk":
+    """A zeroed disk of the given kind; a file disk's backing file goes in directory."""
+    if kind == "malloc":
+        return dp.Disk.malloc(block_size, num_blocks)
+    path = directory / ("%s-%d.img" % (kind, num_blocks))
+    path.write_bytes(bytes(block_size * num_blocks))
+    return dp.Disk.file(str(path), block_size)

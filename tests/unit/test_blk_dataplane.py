@@ -7,7 +7,7 @@ import time
 import pytest
 
 from vhostd import _dataplane as dp
-from tests.helpers.ringdriver import GuestRam, SplitRing
+from tests.helpers.ringdriver import DISK_KINDS, make_disk, GuestRam, SplitRing
 from tests.helpers.waiting import wait_for
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
@@ -76,21 +76,14 @@ class Rig:
         self.memory.close()
 
 
-@pytest.fixture(params=["malloc", "file"])
+@pytest.fixture(params=DISK_KINDS)
 def rig(request, tmp_path):
     """A Rig maker; the default disk (2 MiB, 512-byte blocks) is once in memory (completes inside
     the submit) and once a file (completes later, from the io_uring ring)."""
     rigs = []
 
-    def default_disk():
-        if request.param == "malloc":
-            return dp.Disk.malloc(512, 4096)
-        path = tmp_path / "default.img"
-        path.write_bytes(bytes(4096 * 512))
-        return dp.Disk.file(str(path), 512)
-
     def make(disk=None, **kw):
-        r = Rig(disk or default_disk(), **kw)
+        r = Rig(disk or make_disk(request.param, tmp_path, 512, 4096), **kw)
         rigs.append(r)
         return r
     yield make

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from vhostd import _dataplane as dp
-from tests.helpers.ringdriver import GuestRam, SplitRing
+from tests.helpers.ringdriver import DISK_KINDS, make_disk, GuestRam, SplitRing
 from tests.helpers.waiting import wait_for
 
 RESP = struct.Struct("<IIHBB96s")
@@ -122,21 +122,14 @@ class ScsiRig:
         self.memory.close()
 
 
-@pytest.fixture(params=["malloc", "file"])
+@pytest.fixture(params=DISK_KINDS)
 def rig(request, tmp_path):
     """A ScsiRig maker; by default target 0 is a 4 MiB disk of 512-byte blocks, once in memory
     (completes inside the submit) and once a file (completes later, from the io_uring ring)."""
     rigs = []
 
-    def default_disk():
-        if request.param == "malloc":
-            return dp.Disk.malloc(512, 8192)
-        path = tmp_path / "default.img"
-        path.write_bytes(bytes(8192 * 512))
-        return dp.Disk.file(str(path), 512)
-
     def make(disks=None, **kw):
-        r = ScsiRig(disks if disks is not None else {0: default_disk()}, **kw)
+        r = ScsiRig(disks if disks is not None else {0: make_disk(request.param, tmp_path, 512, 8192)}, **kw)
         rigs.append(r)
         return r
     yield make
