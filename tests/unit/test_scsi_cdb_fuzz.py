@@ -7,6 +7,7 @@ import os
 import random
 import struct
 
+from tests.helpers.ringdriver import make_disk
 from tests.unit.test_scsi_cdb import RESP, ScsiRig
 from vhostd import _dataplane as dp
 
@@ -37,14 +38,16 @@ def random_cdb(rng):
     return bytes(cdb)
 
 
-def test_random_cdbs_get_well_formed_responses_and_touch_only_their_buffers():
+def test_random_cdbs_get_well_formed_responses_and_touch_only_their_buffers(tmp_path):
     rng = random.Random(1234)
-    r = ScsiRig({0: dp.Disk.malloc(512, 4096), 2: dp.Disk.null(4096, 1024)})
+    # Target 1 is a file: its commands complete later, from the io_uring ring.
+    r = ScsiRig({0: dp.Disk.malloc(512, 4096), 1: make_disk("file", tmp_path, 512, 4096),
+                 2: dp.Disk.null(4096, 1024)})
     try:
         for i in range(ITERATIONS):
             if r.ram.next_free > r.ram.size - (1 << 20):
                 r.ram.next_free = 1 << 20          # reuse the buffer space (rings live below)
-            target = rng.choice([0, 2, 2, 0, 5])
+            target = rng.choice([0, 1, 2, 2, 0, 1, 5])
             cdb = random_cdb(rng)
             out_len = rng.choice([0, 0, 0, 8, 24, 512, 4096, rng.randrange(1, 9000)])
             in_len = 0 if out_len and rng.random() < 0.9 else rng.choice([0, 8, 36, 255, 512, 4096, 8192])
