@@ -155,3 +155,17 @@ def maps(pid: int) -> list[str]:
 def guest_mappings(pid: int) -> int:
     """Mappings of memfds (guest memory and inflight regions) in the daemon."""
     return sum(1 for line in maps(pid) if "/memfd:" in line)
+
+
+def resources(pid: int) -> tuple[int, int]:
+    """(open fds, guest mappings) of the daemon."""
+    return fd_count(pid), guest_mappings(pid)
+
+
+def wait_back_to(pid: int, baseline: tuple[int, int], timeout_s: float = 10.0) -> None:
+    """Wait until the daemon holds at most the baseline's fds and guest mappings (the baseline may
+    include an RPC connection the daemon was still closing); AssertionError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while any(now > then for now, then in zip(resources(pid), baseline)):
+        assert time.monotonic() < deadline, "fds/mappings %r, baseline %r" % (resources(pid), baseline)
+        time.sleep(0.01)
