@@ -9,10 +9,10 @@ import uuid
 import pytest
 
 from vhostd import _dataplane as dp
+from tests.helpers.scsi_fuzzing import RESP
 from tests.helpers.ringdriver import DISK_KINDS, make_disk, GuestRam, SplitRing
 from tests.helpers.waiting import wait_for
 
-RESP = struct.Struct("<IIHBB96s")
 OK, BAD_TARGET, FAILURE, FUNCTION_REJECTED, INCORRECT_LUN = 0, 3, 9, 11, 12
 GOOD, CHECK = 0, 2
 UUID = uuid.UUID("12345678-9abc-4def-8123-456789abcdef")

@@ -8,14 +8,13 @@ import random
 import struct
 
 from tests.helpers.ringdriver import make_disk
-from tests.unit.test_scsi_cdb import RESP, ScsiRig
+from tests.helpers.scsi_fuzzing import RESP, check_command_response, random_cdb
+from tests.unit.test_scsi_cdb import ScsiRig
 from vhostd import _dataplane as dp
 
 ITERATIONS = 200_000 if os.environ.get("VHOSTD_FUZZ_SOAK") else 3000
 GUARD = 64
 CANARY = b"\xc5" * GUARD
-KNOWN_OPCODES = [0x00, 0x03, 0x08, 0x0A, 0x12, 0x15, 0x1A, 0x1B, 0x25, 0x28, 0x2A, 0x2F, 0x35, 0x41,
-                 0x42, 0x55, 0x5A, 0x5E, 0x88, 0x8A, 0x8F, 0x91, 0x93, 0x9E, 0xA0, 0xA8, 0xAA]
 
 
 def guarded(r, length, content=None):
@@ -23,19 +22,6 @@ def guarded(r, length, content=None):
     base = r.ram.alloc(length + 2 * GUARD, 64)
     r.ram.write(base, CANARY + (content if content is not None else b"\xee" * length) + CANARY)
     return base + GUARD, base
-
-
-def random_cdb(rng):
-    opcode = rng.choice(KNOWN_OPCODES) if rng.random() < 0.85 else rng.randrange(256)
-    cdb = bytearray(rng.randbytes(16))
-    cdb[0] = opcode
-    if rng.random() < 0.7:
-        # Keep lengths and LBAs mostly small so commands reach their data paths.
-        for i in range(2, 16):
-            if rng.random() < 0.7:
-                cdb[i] = 0
-        cdb[rng.choice([4, 8, 9, 13])] = rng.randrange(1, 16)
-    return bytes(cdb)
 
 
 def test_random_cdbs_get_well_formed_responses_and_touch_only_their_buffers(tmp_path):
@@ -76,14 +62,9 @@ def test_random_cdbs_get_well_formed_responses_and_touch_only_their_buffers(tmp_
                 continue
             if resp_len < RESP.size:
                 continue                              # the response spans into the next buffer
-            sense_len, resid, _, status, response, sense = RESP.unpack(r.ram.read(resp, RESP.size))
-            assert response in (0, 3, 9), (i, cdb.hex(), response)
-            data_in = writable - RESP.size              # device-writable bytes after the response
-            if response == 0:
-                assert not (data_in and out_len)           # bidirectional: FAILURE
-                assert status in (0, 2) and resid <= max(data_in, out_len)
-                assert (sense_len, sense[0] if sense_len else 0x70) in ((0, 0x70), (18, 0x70)), (i, cdb.hex())
-                assert used_len == RESP.size + ((data_in - resid) if data_in else 0), (i, cdb.hex(), used_len, resid)
+            # device-writable bytes after the response: data-in
+            check_command_response(r.ram.read(resp, RESP.size), used_len, out_len, writable - RESP.size,
+                                   (i, cdb.hex()))
         # Still serving after all that.
         res = r.command(bytes([0x88, 0]) + struct.pack(">QI", 0, 1) + b"\0\0", data_in_len=512)
         assert res.status == 0 and res.response == 0
