@@ -27,12 +27,15 @@ cdef enum:
 # daemon and every other controller with it.  Every shared mapping of front-end memory is
 # registered here; a SIGBUS inside one replaces the faulting page with a private zero page (the
 # access then completes, on memory the front-end threw away) and marks the mapping truncated, so
-# the control plane can close that connection.  A SIGBUS anywhere else goes to the previous
-# handler, as before.
+# the control plane can close that connection: the handler writes to an eventfd the control
+# plane watches (set_sigbus_notify_fd), so that happens at once, not at the front-end's next
+# message.  A SIGBUS anywhere else goes to the previous handler, as before.
 cdef extern from *:
     """
+    #include <errno.h>
     #include <signal.h>
     #include <stdint.h>
+    #include <unistd.h>
     #include <string.h>
     #include <sys/mman.h>
     #define VHD_GUARD_SLOTS 4096
@@ -41,6 +44,18 @@ cdef extern from *:
     static struct sigaction vhd_old_sigbus;
     static int vhd_sigbus_installed;
     static uint64_t vhd_sigbus_fixups;
+    static int vhd_sigbus_notify_fd = -1;
+
+    static void vhd_sigbus_notify(void) {
+        /* write(2) is async-signal-safe; errno is the interrupted code's. */
+        int fd = __atomic_load_n(&vhd_sigbus_notify_fd, __ATOMIC_ACQUIRE);
+        uint64_t one = 1;
+        int saved = errno;
+        if (fd >= 0 && write(fd, &one, sizeof(one)) < 0) {
+            /* The counter is full or the fd went away: the next message still finds the mark. */
+        }
+        errno = saved;
+    }
 
     static void vhd_sigbus(int sig, siginfo_t *info, void *context) {
         uintptr_t addr = (uintptr_t)info->si_addr;
@@ -58,6 +73,7 @@ cdef extern from *:
                         break;
                     __atomic_store_n(&vhd_guards[i].truncated, 1, __ATOMIC_RELEASE);
                     __atomic_fetch_add(&vhd_sigbus_fixups, 1, __ATOMIC_RELAXED);
+                    vhd_sigbus_notify();
                     return;
                 }
             }
@@ -109,12 +125,14 @@ cdef extern from *:
         return __atomic_load_n(&vhd_guards[slot].truncated, __ATOMIC_ACQUIRE);
     }
     static uint64_t vhd_sigbus_fixup_count(void) { return __atomic_load_n(&vhd_sigbus_fixups, __ATOMIC_RELAXED); }
+    static void vhd_sigbus_set_notify_fd(int fd) { __atomic_store_n(&vhd_sigbus_notify_fd, fd, __ATOMIC_RELEASE); }
     """
     int vhd_sigbus_install()
     int vhd_guard_add(size_t start, size_t length, size_t page)
     void vhd_guard_remove(int slot)
     int vhd_guard_truncated(int slot)
     uint64_t vhd_sigbus_fixup_count()
+    void vhd_sigbus_set_notify_fd(int fd)
 
 if vhd_sigbus_install() != 0:
     raise OSError(errno, "cannot install the SIGBUS handler for guest memory")
@@ -141,6 +159,11 @@ def unguard_mapping(int handle):
 def mapping_truncated(int handle):
     """True if the front-end truncated the file under the mapping and we touched a lost page."""
     return bool(vhd_guard_truncated(handle))
+
+
+def set_sigbus_notify_fd(int fd):
+    """Have every survived SIGBUS in front-end memory add 1 to this eventfd (-1: none)."""
+    vhd_sigbus_set_notify_fd(fd)
 
 
 def sigbus_fixups():

@@ -571,6 +571,22 @@ def c_guest_memory_truncated_under_a_running_ring(peer):
     os.close(mem)
 
 
+def c_guest_memory_truncated_then_only_kicked(peer):
+    """No message after the truncation: the survived SIGBUS itself wakes the control plane
+    (the handler's eventfd), which closes the session at once."""
+    negotiate(peer)
+    mem = map_guest(peer)
+    err = ring(peer)
+    kick = os.eventfd(0, os.EFD_CLOEXEC)
+    peer.request(Request.SET_VRING_KICK, p.encode_u64(0), [os.dup(kick)], flags=NEED_REPLY)
+    assert peer.ack() == 0
+    os.ftruncate(mem, 0)
+    os.eventfd_write(kick, 1)               # the reactor reads the avail ring: a lost page
+    closes(peer)
+    for fd in (kick, err, mem):
+        os.close(fd)
+
+
 def c_inflight_region_cannot_be_truncated_under_the_device(peer):
     negotiate(peer)
     peer.request(Request.GET_INFLIGHT_FD, p.InflightInfo(0, 0, 1, 64).encode())

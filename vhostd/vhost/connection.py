@@ -14,6 +14,8 @@ import fcntl
 import logging
 import mmap
 import os
+import socket
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -60,6 +62,38 @@ def _close(fd: int | None) -> None:
             pass
 
 
+class TruncationWatch:
+    """Closes a connection as soon as the data plane survives a SIGBUS in its front-end's memory
+    (the front-end truncated a file it shared), instead of at its next message: the SIGBUS
+    handler writes to an eventfd this watches on the event loop."""
+
+    def __init__(self) -> None:
+        self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)     # one for the process
+        dp.set_sigbus_notify_fd(self.fd)
+
+    def add(self, connection: Connection) -> None:
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.remove_reader(self.fd)
+            loop.add_reader(self.fd, self._fired)
+            self.loop = loop
+        self.connections.add(connection)
+
+    def _fired(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return
+        for connection in list(self.connections):
+            connection.close_if_truncated()
+
+
+_truncation_watch = TruncationWatch()
+
+
 class Connection:
     """A connected front-end (QEMU) on a controller's socket."""
 
@@ -77,6 +111,7 @@ class Connection:
         self.inflight_queues = 0
         self.inflight_base = 0
         self.queues: dict[int, tuple[dp.VirtQueue, dp.Reactor]] = {}
+        self.truncated = False            # closed by close_if_truncated()
         self.closed = asyncio.Event()
 
     @property
@@ -89,6 +124,7 @@ class Connection:
 
     async def run(self) -> None:
         """Serve the front-end until it disconnects or breaks the protocol."""
+        _truncation_watch.add(self)
         try:
             while True:
                 msg = await self.transport.receive()
@@ -97,7 +133,8 @@ class Connection:
                 await self.execute(effects)
                 self._check_truncation()
         except ConnectionClosed:
-            log.info("%s: front-end disconnected", self.name)
+            if not self.truncated:
+                log.info("%s: front-end disconnected", self.name)
         except p.ProtocolError as exc:
             log.warning("%s: protocol error, closing: %s", self.name, exc)
         except Exception:
@@ -145,12 +182,28 @@ class Connection:
         return []
 
     # -- memory -------------------------------------------------------------------------------
-    def _check_truncation(self) -> None:
+    def _memory_truncated(self) -> bool:
         """The front-end shrank a file we map (guest RAM or the inflight region) and the data
-        plane touched a lost page (a SIGBUS survived in _dataplane): end the session."""
-        if (self.memory is not None and self.memory.truncated) or (
-                self.inflight_guard >= 0 and dp.mapping_truncated(self.inflight_guard)):
+        plane touched a lost page (a SIGBUS survived in _dataplane)."""
+        return (self.memory is not None and self.memory.truncated) or (
+            self.inflight_guard >= 0 and dp.mapping_truncated(self.inflight_guard))
+
+    def _check_truncation(self) -> None:
+        if self._memory_truncated():
             raise p.ProtocolError("the front-end truncated shared memory under the device")
+
+    def close_if_truncated(self) -> None:
+        """End the session now if its memory was truncated: shutting the socket down makes run()
+        see EOF at its next receive (an effect in progress finishes first), and the front-end
+        sees the disconnect."""
+        if self.truncated or self.closed.is_set() or not self._memory_truncated():
+            return
+        self.truncated = True
+        log.warning("%s: the front-end truncated shared memory under the device, closing", self.name)
+        try:
+            self.transport.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _map_memory(self, effect: s.MapMemory) -> None:
         old = self.memory
