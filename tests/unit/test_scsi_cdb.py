@@ -475,6 +475,36 @@ def test_task_management_functions(rig):
     assert tmf(r, 5, bytes([1, 0, 0x40, 2, 0, 0, 0, 0])) == INCORRECT_LUN
 
 
+def test_task_management_answers_after_the_lun_has_nothing_in_flight(rig):
+    # A 1 MiB/s limit keeps four 64 KiB reads in flight for about 0.25 s: a LOGICAL UNIT RESET
+    # sent meanwhile is answered only after all four completed, and one on another target at once.
+    slow = dp.Disk.malloc(512, 8192)
+    slow.set_qos(rw_mbytes_per_sec=1)
+    r = rig({0: slow, 1: dp.Disk.malloc(512, 64)})
+    reads = []
+    for k in range(4):
+        din = r.ram.alloc(65536, 512)
+        req, resp = r.ram.alloc(51), r.ram.alloc(RESP.size)
+        r.ram.write(req, bytes([1, 0, 0x40, 0]) + bytes(4) + struct.pack("<QBBB", k, 0, 0, 0)
+                    + cdb_rw16(0x88, 128 * k, 128).ljust(32, b"\0"))
+        r.rings[2].add_chain([(req, 51, False), (resp, RESP.size, True), (din, 65536, True)])
+        reads.append(resp)
+    r.kick(2)
+    assert tmf(r, 5, bytes([1, 1, 0x40, 0, 0, 0, 0, 0])) == OK       # target 1 is idle
+    done_before = r.rings[2].pop_used()
+    assert len(done_before) < 4                 # 256 KiB at 1 MiB/s: still reading
+    resp = r.ram.alloc(1)
+    req = r.ram.alloc(24)
+    r.ram.write(req, struct.pack("<II8sQ", 0, 5, bytes([1, 0, 0x40, 0, 0, 0, 0, 0]), 9))
+    r.rings[0].add_chain([(req, 24, False), (resp, 1, True)])
+    r.kick(0)
+    (_, used_len), = r.wait_used(0)
+    completed = done_before + r.rings[2].pop_used()     # taken right after the TMF's answer
+    assert used_len == 1 and r.ram.read(resp, 1)[0] == OK
+    assert len(completed) == 4, completed                  # all four were done before it
+    assert all(RESP.unpack(r.ram.read(a, RESP.size))[3:5] == (0, 0) for a in reads)
+
+
 def test_asynchronous_notification_query_supports_no_events(rig):
     r = rig()
     resp = r.ram.alloc(5)
