@@ -20,7 +20,8 @@ import sys
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Functions of one request's path on the target (Cython mangles names: matched by suffix).
+# Functions of one request's path on the target, and the bench client's submit (Cython mangles
+# names: matched by suffix).
 PATH_FUNCTIONS = [
     ("reactor pass (all work)", "reactor_run"),
     ("poll a queue", "vq_poll"),
@@ -35,6 +36,7 @@ PATH_FUNCTIONS = [
     ("    push used entry", "task_complete"),
     ("interrupt decision", "vq_notify"),
     ("io_uring poll", "io_ctx_poll"),
+    ("client: build and post a request", "vdrv_submit"),
 ]
 
 
