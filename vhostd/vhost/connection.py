@@ -65,21 +65,22 @@ def _close(fd: int | None) -> None:
 class TruncationWatch:
     """Closes a connection as soon as the data plane survives a SIGBUS in its front-end's memory
     (the front-end truncated a file it shared), instead of at its next message: the SIGBUS
-    handler writes to an eventfd this watches on the event loop."""
+    handler writes to an eventfd (one for the process) that one event loop watches.  Each
+    connection is then checked on its own loop (in-process targets run one loop per thread)."""
 
     def __init__(self) -> None:
         self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)     # one for the process
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         dp.set_sigbus_notify_fd(self.fd)
 
     def add(self, connection: Connection) -> None:
-        loop = asyncio.get_running_loop()
-        if self.loop is not loop:
+        if self.loop is None or not self.loop.is_running():
+            # The first loop, or the one watching before has stopped (its thread no longer uses it).
             if self.loop is not None and not self.loop.is_closed():
                 self.loop.remove_reader(self.fd)
-            loop.add_reader(self.fd, self._fired)
-            self.loop = loop
+            self.loop = asyncio.get_running_loop()
+            self.loop.add_reader(self.fd, self._fired)
         self.connections.add(connection)
 
     def _fired(self) -> None:
@@ -88,7 +89,10 @@ class TruncationWatch:
         except BlockingIOError:
             return
         for connection in list(self.connections):
-            connection.close_if_truncated()
+            try:
+                connection.loop.call_soon_threadsafe(connection.close_if_truncated)
+            except RuntimeError:
+                pass                        # its loop is closed: the connection is gone
 
 
 _truncation_watch = TruncationWatch()
@@ -112,6 +116,7 @@ class Connection:
         self.inflight_base = 0
         self.queues: dict[int, tuple[dp.VirtQueue, dp.Reactor]] = {}
         self.truncated = False            # closed by close_if_truncated()
+        self.loop = asyncio.get_running_loop()
         self.closed = asyncio.Event()
 
     @property
