@@ -41,10 +41,12 @@ def _source_hash() -> str:
 
 def build_asan_tree() -> Path:
     """A copy of the package with the extension built with VHOSTD_ASAN=1, in a temporary
-    directory keyed by the extension's sources (built once per version of them).  Built aside and
-    renamed into place, so concurrent runs (other checkouts too) never see a half-built tree."""
+    directory keyed by the extension's sources (built once per version of them; the Python
+    package is refreshed from the checkout on every use).  Built aside and renamed into place, so
+    concurrent runs (other checkouts too) never see a half-built tree."""
     root = Path("/tmp") / ("vhostd-asan-%s" % _source_hash())
     if (root / ".built").exists():
+        _sync_python(root)
         return root
     work = Path(tempfile.mkdtemp(prefix="vhostd-asan-build-", dir="/tmp"))
     try:
@@ -67,6 +69,13 @@ def build_asan_tree() -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return root
+
+
+def _sync_python(root: Path) -> None:
+    """The tree is keyed by the extension's sources only: bring its Python package up to date
+    with the checkout's (the instrumented extension stays)."""
+    shutil.copytree(REPO_ROOT / "vhostd", root / "vhostd", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
 
 
 def run_under_asan(libasan: str, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
