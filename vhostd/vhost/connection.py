@@ -118,6 +118,7 @@ class Connection:
         self.truncated = False            # closed by close_if_truncated()
         self.loop = asyncio.get_running_loop()
         self.closed = asyncio.Event()
+        self._shutdown_lock = asyncio.Lock()   # run()'s end and Controller.stop() may both call shutdown
 
     @property
     def name(self) -> str:
@@ -323,8 +324,10 @@ class Connection:
             return
         queue.set_fds(_fd(vring.kick_fd), _fd(vring.call_fd), _fd(vring.err_fd))
         reactor = self.device.attach_queue(index, queue, self.session.acked_features)
-        await self.controller.reactors.wait(reactor, reactor.post_add_queue(queue))
+        # Recorded before the wait: a shutdown meanwhile (Controller.stop) must take it back from
+        # the reactor before the memory it polls is unmapped (its removal follows the add).
         self.queues[index] = (queue, reactor)
+        await self.controller.reactors.wait(reactor, reactor.post_add_queue(queue))
         self.session.queue_started(index)
 
     async def _stop_queue(self, index: int) -> list[s.Effect]:
@@ -355,12 +358,17 @@ class Connection:
         return sum(q.inflight_count for q, _ in self.queues.values())
 
     async def shutdown(self) -> None:
-        """Take every queue back from the reactors, then release memory and fds."""
-        if self.closed.is_set():
-            return
+        """Take every queue back from the reactors, then release memory and fds.  Callers that
+        overlap wait for the first: none may unmap memory while a queue is still being taken back."""
+        async with self._shutdown_lock:
+            if self.closed.is_set():
+                return
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
         try:
-            for index in list(self.queues):
-                await self._stop_queue(index)
+            while self.queues:
+                await self._stop_queue(next(iter(self.queues)))
         finally:
             for fd in self.session.owned_fds():
                 _close(fd)
