@@ -91,9 +91,9 @@ def test_guest_fuzzer_in_process_under_address_sanitizer():
     root = build_asan_tree()
     shutil.copy2(FUZZ_SCRIPT, root / "scripts" / "fuzz.py")
     iterations = "5000" if SOAK else "300"
-    result = run_under_asan(libasan, [str(root / "scripts" / "fuzz.py"), "--target", "inproc",
-                                      "--iterations", iterations, "--seed", "23", "--scribble-inflight",
-                                      "--max-seconds", "600" if SOAK else "15", "--timeout", "10"],
+    result = run_under_asan(root, libasan, [str(root / "scripts" / "fuzz.py"), "--target", "inproc",
+                                            "--iterations", iterations, "--seed", "23", "--scribble-inflight",
+                                            "--max-seconds", "600" if SOAK else "15", "--timeout", "10"],
                             timeout_s=1800)
     output = result.stdout + result.stderr
     print(output[-4000:])

@@ -10,6 +10,7 @@ VHOSTD_FUZZ_SOAK=1 runs many more."""
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import shutil
@@ -83,10 +84,7 @@ class ScsiFuzzer:
     def __init__(self, dev: vs.VirtioScsi, rng: random.Random) -> None:
         self.dev = dev
         self.rng = rng
-        self.outcomes: dict[str, int] = {}
-
-    def count(self, what: str) -> None:
-        self.outcomes[what] = self.outcomes.get(what, 0) + 1
+        self.outcomes: collections.Counter[str] = collections.Counter()
 
     def command(self, i: int) -> None:
         rng = self.rng
@@ -117,16 +115,16 @@ class ScsiFuzzer:
         assert used_len <= writable, what
         if writable < RESP.size:
             assert used_len == 0, what                  # nowhere to put a response
-            self.count("no room for a response")
+            self.outcomes["no room for a response"] += 1
             return
         raw = (resp + data_in)[:RESP.size]
         if short:
             assert raw[11] == vs.S_FAILURE and used_len == RESP.size, what
-            self.count("short header: FAILURE")
+            self.outcomes["short header: FAILURE"] += 1
             return
         data_in_len = writable - RESP.size
         check_command_response(raw, used_len, out_len, data_in_len, what)
-        self.count("response %d status %d" % (raw[11], raw[10]))
+        self.outcomes["response %d status %d" % (raw[11], raw[10])] += 1
 
     @staticmethod
     def unmap_list(rng: random.Random, length: int) -> bytes:
@@ -142,7 +140,7 @@ class ScsiFuzzer:
         target = rng.choice([0, 1, 2, 5, 9])
         response = self.dev.tmf(subtype, target, lun=rng.choice([0, 0, 1]), tag=rng.randrange(1 << 64))
         assert response in TMF_RESPONSES, (subtype, target, response)
-        self.count("tmf response %d" % response)
+        self.outcomes["tmf response %d" % response] += 1
 
     def raw_control(self) -> None:
         """A control request of random type and size: answered within its writable buffer."""
@@ -151,7 +149,7 @@ class ScsiFuzzer:
         writable = rng.choice([0, 1, 4, 16, 64])
         used_len, _ = self.dev.frontend.transact(vs.CONTROL_QUEUE, [body, Writable(writable, 0xEE)], timeout_s=10.0)
         assert used_len <= writable, (body.hex(), writable, used_len)
-        self.count("raw control")
+        self.outcomes["raw control"] += 1
 
 
 def test_random_commands_through_the_daemon_get_well_formed_responses(scsi_daemon):
@@ -209,8 +207,9 @@ def test_scsi_emulation_tests_and_cdb_fuzzer_under_address_sanitizer():
     root = build_asan_tree()
     shutil.copytree(REPO_ROOT / "tests", root / "tests", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    result = run_under_asan(libasan, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit/test_scsi_cdb.py",
-                                      "tests/unit/test_scsi_cdb_fuzz.py"], timeout_s=1800)
+    result = run_under_asan(root, libasan, ["-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                            "tests/unit/test_scsi_cdb.py", "tests/unit/test_scsi_cdb_fuzz.py"],
+                            timeout_s=1800)
     output = result.stdout + result.stderr
     print(output[-3000:])
     assert "AddressSanitizer" not in output, output[-8000:]

@@ -78,11 +78,10 @@ def _sync_python(root: Path) -> None:
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
 
 
-def run_under_asan(libasan: str, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
-    """Run `python args...` in a fresh instrumented tree (its cwd and first import path, so vhostd
-    is the ASAN build), with the runtime preloaded.  Fails the test if the extension is not
-    instrumented; the caller checks the output for "AddressSanitizer"."""
-    root = build_asan_tree()
+def run_under_asan(root: Path, libasan: str, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Run `python args...` in the instrumented tree root (from build_asan_tree(): its cwd and
+    first import path, so vhostd is the ASAN build), with the runtime preloaded.  Fails the test
+    if the extension is not instrumented; the caller checks the output for "AddressSanitizer"."""
     so = list((root / "vhostd").glob("_dataplane*.so"))
     assert so, "the ASAN build produced no extension"
     nm = subprocess.run(["nm", "-D", str(so[0])], capture_output=True, text=True)
