@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Builds the e2e test guest into OUTDIR: a Debian cloud kernel (OUTDIR/vmlinuz) and a busybox
 # initramfs (OUTDIR/initramfs.cpio.gz) whose /init loads the virtio-blk/virtio-scsi modules and then
-# serves commands on the serial console (the protocol tests/e2e/guest.py speaks).
+# serves commands on the serial console (the protocol tests/e2e/guest.py speaks). The initramfs also
+# holds /bin/vhd-pattern (tests/e2e/tools/vhd-pattern.c, static), which writes and checks test data at
+# native speed; the same binary is left at OUTDIR/vhd-pattern for the host's side of the checks.
 #
-# Idempotent: a stamp records the kernel package and a hash of this script; when both artifacts and
-# a matching stamp exist nothing is done (no network either). Non-interactive, fit for CI.
+# Idempotent: a stamp records the kernel package and a hash of this script and of the helper's
+# source; when the artifacts and a matching stamp exist nothing is done (no network either).
+# Non-interactive, fit for CI.
 #
 # usage: scripts/build-guest.sh OUTDIR
 set -euo pipefail
@@ -14,6 +17,8 @@ if [ $# -ne 1 ]; then
     exit 2
 fi
 OUTDIR=$(mkdir -p "$1" && cd "$1" && pwd)
+REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PATTERN_SOURCE="$REPO_ROOT/tests/e2e/tools/vhd-pattern.c"
 KERNEL_META=linux-image-cloud-amd64
 # insmod order: each module after the ones it depends on.
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
@@ -37,15 +42,15 @@ kernel_package() {
         | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)$/\1/p' | head -n 1
 }
 
-script_hash=$(sha256sum "$0" | cut -d' ' -f1)
+script_hash=$(cat "$0" "$PATTERN_SOURCE" | sha256sum | cut -d' ' -f1)
 stamp="$OUTDIR/.stamp"
-if [ -f "$OUTDIR/vmlinuz" ] && [ -f "$OUTDIR/initramfs.cpio.gz" ] && [ -f "$stamp" ] \
-        && grep -qx "script $script_hash" "$stamp"; then
+if [ -f "$OUTDIR/vmlinuz" ] && [ -f "$OUTDIR/initramfs.cpio.gz" ] && [ -f "$OUTDIR/vhd-pattern" ] \
+        && [ -f "$stamp" ] && grep -qx "script $script_hash" "$stamp"; then
     log "up to date: $OUTDIR ($(sed -n 's/^kernel //p' "$stamp"))"
     exit 0
 fi
 
-for tool in apt-cache apt-get dpkg-deb cpio gzip; do
+for tool in apt-cache apt-get dpkg-deb cpio gzip gcc; do
     command -v "$tool" >/dev/null || die "$tool not found (this script needs a Debian system)"
 done
 busybox=$(command -v busybox || true)
@@ -90,11 +95,15 @@ kver=${vmlinuz##*/vmlinuz-}
 moddir="$kroot/lib/modules/$kver"
 [ -d "$moddir" ] || die "no modules directory for $kver in $deb"
 
-# 3. The initramfs tree: busybox with one symlink per applet, the modules, /init.
+# 3. The initramfs tree: busybox with one symlink per applet, the pattern helper, the modules, /init.
 root="$OUTDIR/initramfs-root"
 rm -rf "$root"
 mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,lib/modules}
 cp "$busybox" "$root/bin/busybox"
+# Static: the initramfs has no libc (needs libc6-dev's libc.a).
+gcc -static -O2 -Wall -Wextra -Werror -o "$OUTDIR/vhd-pattern.tmp" "$PATTERN_SOURCE" \
+    || die "cannot build $PATTERN_SOURCE (gcc and libc6-dev are needed)"
+cp "$OUTDIR/vhd-pattern.tmp" "$root/bin/vhd-pattern"
 for applet in $("$busybox" --list); do
     [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
 done
@@ -177,6 +186,7 @@ rm -f "$stamp"
 mv "$OUTDIR/initramfs.cpio.gz.tmp" "$OUTDIR/initramfs.cpio.gz"
 cp "$vmlinuz" "$OUTDIR/vmlinuz.tmp"
 mv "$OUTDIR/vmlinuz.tmp" "$OUTDIR/vmlinuz"
+mv "$OUTDIR/vhd-pattern.tmp" "$OUTDIR/vhd-pattern"
 rm -rf "$kroot"
 printf 'kernel %s\nscript %s\n' "$pkg" "$script_hash" > "$stamp"
 log "built $OUTDIR/vmlinuz and $OUTDIR/initramfs.cpio.gz ($pkg, modules: $(tr '\n' ' ' < "$root/etc/guest-modules"))"

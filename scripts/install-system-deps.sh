@@ -4,6 +4,7 @@ set -euo pipefail
 PACKAGES=(
     gcc make python3-dev python3-venv pkg-config liburing-dev   # building the extension
     qemu-system-x86 qemu-utils busybox-static cpio              # e2e guests, qemu-storage-daemon
+    libc6-dev                                                   # the guest's static pattern helper
     clang libclang-rt-14-dev                                    # AddressSanitizer build for fuzzing
     valgrind                                                    # instruction counts in the benchmark
 )
