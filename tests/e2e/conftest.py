@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from guest import Guest, GuestImage
+from guest import Guest, GuestImage, tail_text
 from qsd import StorageDaemon
 from tests.helpers.daemon import Daemon
 
@@ -82,7 +82,19 @@ def sparse_file(tmp_path: Path) -> Callable[[int], Path]:
 
 
 @pytest.fixture
-def vhostd(socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
+def started_daemons() -> list[Daemon]:
+    """Every vhostd daemon the test started (the ``vhostd`` fixture's and a test's own): their logs'
+    tails go into the failure reports of the test's guests."""
+    return []
+
+
+def daemon_log_tails(daemons: list[Daemon], chars: int = 2500) -> str:
+    return "\n".join(f"== vhostd {i} ({d.log_path}) ==\n{tail_text(d.log(), chars)}"
+                     for i, d in enumerate(daemons))
+
+
+@pytest.fixture
+def vhostd(socket_dir: Path, started_daemons: list[Daemon]) -> Iterator[Callable[..., Daemon]]:
     """A factory: ``vhostd(*args)`` starts a vhostd daemon with its sockets under socket_dir; every
     daemon it started is stopped at teardown and its log printed (shown when a test fails)."""
     daemons = []
@@ -92,6 +104,7 @@ def vhostd(socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
         workdir.mkdir()
         d = Daemon(*args, workdir=str(workdir), **kw)
         daemons.append(d)
+        started_daemons.append(d)
         return d.start()
 
     yield start
@@ -102,19 +115,23 @@ def vhostd(socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
 
 
 @pytest.fixture
-def boot_guest(guest_image: GuestImage, tmp_path: Path) -> Iterator[Callable[..., Guest]]:
+def boot_guest(guest_image: GuestImage, tmp_path: Path,
+               started_daemons: list[Daemon]) -> Iterator[Callable[..., Guest]]:
     """A factory: ``boot_guest(devices=[...], smp=2)`` boots a Guest (keyword arguments as Guest's);
     every guest it booted is ended at teardown. The QEMU command line is printed, so a failing
-    test shows it with its captured output; console logs stay under tmp_path."""
+    test shows it with its captured output; console logs stay under tmp_path. A guest's failure
+    reports carry the tails of the logs of every vhostd the test started."""
     guests: list[Guest] = []
 
     def boot(**kwargs) -> Guest:
         kwargs.setdefault("workdir", tmp_path / f"guest{len(guests)}")
         guest = Guest(guest_image, **kwargs)
+        guest.attach_log("vhostd logs", lambda: daemon_log_tails(started_daemons))
         print(f"QEMU: {guest.command_line_str}")
         guests.append(guest)
         guest.start()
-        print(f"guest booted in {guest.boot_time_s:.1f} s; console log: {guest.console_log_path}")
+        print(f"guest booted in {guest.boot_time_s:.1f} s, time scale {guest.time_scale:.1f} "
+              f"(calibration {guest.calibration_s:.2f} s); console log: {guest.console_log_path}")
         return guest
 
     yield boot

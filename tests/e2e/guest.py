@@ -10,6 +10,15 @@ small command protocol on ttyS0, which QEMU connects to this process's pipes:
 The console neither echoes nor rewrites newlines, so a command's output comes back as it was
 written. Each command runs in a child shell (``cd`` and variables do not persist), with stdin from
 /dev/null. This module has no pytest dependency; the fixtures live in ``conftest.py``.
+
+Time limits are nominal: a guest under TCG runs as fast as its host lets it, and a host of the same
+kind can be twice as slow as another, or share its cores with a busy neighbour. Right after boot the
+harness times a short calibration command in the guest; every limit a command or wait is given is
+multiplied by how much slower than the reference the guest was (``Guest.time_scale``, never below 1).
+
+Test data comes from ``vhd-pattern`` (``tests/e2e/tools/vhd-pattern.c``), a static helper in the
+guest image that writes and checks seeded, position-dependent data natively; the host runs the same
+binary (``PatternTool``) to make or check the bytes it expects. The guest's shell never computes data.
 """
 
 from __future__ import annotations
@@ -35,6 +44,19 @@ from typing import Any, Literal, NoReturn, Self
 
 READY_MARKER = b"VHD-GUEST-READY"
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
+# The calibration: a little of what guest commands do, busybox's shell and native code, and one
+# console round trip. On an idle machine of our kind (2 vCPUs, TCG) it takes 0.082-0.099 s, with a
+# busy loop on each core 0.16-0.25 s (and busybox `seq` slows down alike). The reference is the idle
+# figure with a little room.
+CALIBRATION_COMMAND = "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; vhd-pattern spin 16 >/dev/null"
+CALIBRATION_REFERENCE_S = 0.10
+CALIBRATION_RUNS = 3
+# A guest this much slower than the reference is hung rather than slow: limits stop growing there.
+MAX_TIME_SCALE = 12.0
+# VHOSTD_GUEST_TIME_SCALE=N makes every guest's scale at least N (a known-slow machine).
+TIME_SCALE_ENV = "VHOSTD_GUEST_TIME_SCALE"
+PATTERN_TOOL_IN_GUEST = "vhd-pattern"
+LOG_TAIL_CHARS = 6000
 # The guest reads a script through the tty's flip buffers (about 64 KiB); stay well below.
 MAX_SCRIPT_BYTES = 32 * 1024
 # sun_path is 108 bytes including the terminating NUL.
@@ -64,6 +86,10 @@ class CommandFailed(GuestError):
         self.output = output
 
 
+class PatternMismatch(GuestError, AssertionError):
+    """Data read back is not the pattern that should be there."""
+
+
 class QMPError(GuestError):
     """QEMU answered a QMP command with an error."""
 
@@ -73,19 +99,74 @@ class QMPError(GuestError):
         self.error = dict(error)
 
 
+def pattern_args(
+    action: Literal["write", "check"],
+    seed: int | Literal["zero"],
+    path: str | os.PathLike[str],
+    offset: int,
+    length: int,
+    *,
+    direct: bool = False,
+    sync: bool = False,
+    chunk_bytes: int | None = None,
+) -> list[str]:
+    """The arguments of ``vhd-pattern write|check`` (after the program name)."""
+    args = [action, str(seed), os.fspath(path), str(offset), str(length)]
+    if chunk_bytes is not None:
+        args += ["-b", str(chunk_bytes)]
+    if direct:
+        args.append("-d")
+    if sync:
+        if action != "write":
+            raise ValueError("only a write can fsync")
+        args.append("-f")
+    return args
+
+
+def pattern_command(action: Literal["write", "check"], seed: int | Literal["zero"],
+                    path: str | os.PathLike[str], offset: int, length: int, **options: Any) -> str:
+    """A guest shell command that writes or checks pattern ``seed`` at ``[offset, offset+length)`` of
+    ``path`` (options as :func:`pattern_args`); for composing background jobs in a test's script."""
+    return shlex.join([PATTERN_TOOL_IN_GUEST, *pattern_args(action, seed, path, offset, length, **options)])
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternTool:
+    """The host's copy of ``vhd-pattern``: the bytes a guest's pattern write put on a disk."""
+
+    path: Path
+
+    def bytes(self, seed: int, offset: int, length: int) -> bytes:
+        """Pattern ``seed`` at positions ``[offset, offset+length)``."""
+        result = subprocess.run([os.fspath(self.path), "gen", str(seed), str(offset), str(length)],
+                                capture_output=True, check=True)
+        return result.stdout
+
+    def check_file(self, path: str | os.PathLike[str], seed: int | Literal["zero"], offset: int,
+                   length: int) -> None:
+        """:class:`PatternMismatch` unless ``[offset, offset+length)`` of the file holds the pattern."""
+        result = subprocess.run([os.fspath(self.path), *pattern_args("check", seed, path, offset, length)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise PatternMismatch(f"{path} [{offset}, +{length}) is not pattern {seed}: "
+                                  f"{result.stdout}{result.stderr}".rstrip())
+
+
 @dataclasses.dataclass(frozen=True)
 class GuestImage:
-    """The kernel and initramfs a guest boots."""
+    """The kernel and initramfs a guest boots, and the host's copy of the guest's pattern helper."""
 
     kernel: Path
     initrd: Path
+    patterns: PatternTool
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike[str]) -> GuestImage:
         """The image ``scripts/build-guest.sh`` wrote into ``directory``."""
         directory = Path(directory)
-        image = cls(directory / "vmlinuz", directory / "initramfs.cpio.gz")
-        for path in (image.kernel, image.initrd):
+        image = cls(directory / "vmlinuz", directory / "initramfs.cpio.gz",
+                    PatternTool(directory / "vhd-pattern"))
+        for path in (image.kernel, image.initrd, image.patterns.path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} missing: run scripts/build-guest.sh {directory}")
         return image
@@ -372,12 +453,21 @@ class Guest(ProcessHarness):
         qemu_binary: str = "qemu-system-x86_64",
         extra_args: Iterable[str] = (),
         reboot_resets: bool = False,
+        min_time_scale: float | None = None,
     ) -> None:
+        self.image = image
         self.devices: list[VhostUserDevice] = []
         self._devices_named = 0
         for dev in devices:
             self.devices.append(self._named(dev))
+        if min_time_scale is None:
+            min_time_scale = float(os.environ.get(TIME_SCALE_ENV) or 1.0)
+        self.min_time_scale = max(1.0, min_time_scale)
+        # Until the calibration after boot, only the floor is known.
+        self.time_scale = self.min_time_scale
+        self.calibration_s: float | None = None
         self.boot_timeout_s = boot_timeout_s
+        self._logs: dict[str, Callable[[], str]] = {}
         self._own_dirs: list[Path] = []
         if workdir is None:
             workdir = self._make_temp_dir()
@@ -437,7 +527,7 @@ class Guest(ProcessHarness):
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start QEMU, wait for the guest's shell, connect QMP."""
+        """Start QEMU, wait for the guest's shell, connect QMP, calibrate the time limits."""
         if self._proc is not None:
             raise GuestError("guest already started")
         started = time.monotonic()
@@ -451,10 +541,34 @@ class Guest(ProcessHarness):
         )
         self._console = SerialConsole(self._proc.stdout.fileno(), self.console_log_path)
         ready = re.compile(re.escape(READY_MARKER) + rb"\r?\n")
-        if not self._console.wait_for(ready, 0, started + self.boot_timeout_s):
-            self._fail(f"guest shell not ready (boot timeout {self.boot_timeout_s:.0f} s)")
+        boot_limit_s = self.scaled(self.boot_timeout_s)
+        if not self._console.wait_for(ready, 0, started + boot_limit_s):
+            self._fail(f"guest shell not ready (boot timeout {boot_limit_s:.0f} s)")
         self.boot_time_s = time.monotonic() - started
         self._qmp = QMPClient(self.qmp_path)
+        self.calibrate()
+
+    def calibrate(self) -> float:
+        """Time the calibration command and set :attr:`time_scale` from it; the scale."""
+        samples = []
+        for _ in range(CALIBRATION_RUNS):
+            started = time.monotonic()
+            # A fixed, generous limit: the scale is not known yet.
+            self._run_within(CALIBRATION_COMMAND, 120.0, "calibration")
+            samples.append(time.monotonic() - started)
+        self.calibration_s = sorted(samples)[len(samples) // 2]
+        self.time_scale = min(MAX_TIME_SCALE, max(self.min_time_scale, self.calibration_s / CALIBRATION_REFERENCE_S))
+        return self.time_scale
+
+    def scaled(self, nominal_s: float) -> float:
+        """A time limit for work that takes ``nominal_s`` seconds at most on the reference machine,
+        stretched by this guest's measured slowness (host-side waits on guest progress use it too)."""
+        return nominal_s * self.time_scale
+
+    def attach_log(self, label: str, read: Callable[[], str]) -> None:
+        """Add a log (a function returning its text) whose tail goes into every failure report, e.g.
+        the back-end serving this guest's disks."""
+        self._logs[label] = read
 
     @property
     def running(self) -> bool:
@@ -469,10 +583,11 @@ class Guest(ProcessHarness):
         """Flush the guest's caches, power it off and wait for QEMU to exit; QEMU's exit status."""
         self.check("sync", timeout_s=timeout_s)
         self._send_script("poweroff -f", secrets.token_hex(8))
+        limit_s = self.scaled(timeout_s)
         try:
-            return self._proc.wait(timeout=timeout_s)
+            return self._proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
-            self._fail(f"QEMU still running {timeout_s:.0f} s after poweroff -f")
+            self._fail(f"QEMU still running {limit_s:.0f} s after poweroff -f")
 
     def reboot(self, timeout_s: float | None = None) -> float:
         """Flush the guest's caches, reboot it (``reboot -f``: a machine reset, needs
@@ -481,7 +596,7 @@ class Guest(ProcessHarness):
         started = time.monotonic()
         start = self._send_script("reboot -f", secrets.token_hex(8))
         ready = re.compile(re.escape(READY_MARKER) + rb"\r?\n")
-        deadline = started + (self.boot_timeout_s if timeout_s is None else timeout_s)
+        deadline = started + self.scaled(self.boot_timeout_s if timeout_s is None else timeout_s)
         if not self._console.wait_for(ready, start, deadline):
             self._broken = "reboot did not complete"
             self._fail("guest shell not ready again after reboot -f")
@@ -515,9 +630,14 @@ class Guest(ProcessHarness):
     # --- commands ----------------------------------------------------------------------------
 
     def run(self, command: str, timeout_s: float = 60.0) -> tuple[int, str]:
-        """Run a shell script in the guest; its exit status and combined stdout/stderr."""
+        """Run a shell script in the guest; its exit status and combined stdout/stderr. ``timeout_s``
+        is nominal (see :meth:`scaled`)."""
+        limit_s = self.scaled(timeout_s)
+        return self._run_within(command, limit_s, f"timeout {timeout_s:.0f} s x {self.time_scale:.1f} = {limit_s:.0f} s")
+
+    def _run_within(self, command: str, limit_s: float, limit_text: str) -> tuple[int, str]:
         nonce = secrets.token_hex(8)
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + limit_s
         start = self._send_script(command, nonce)
         begin = self._console.wait_for(re.compile(rb"VHD-BEGIN-%s\r?\n" % nonce.encode()), start, deadline)
         end = begin and self._console.wait_for(
@@ -525,7 +645,7 @@ class Guest(ProcessHarness):
         )
         if not end:
             self._broken = f"unfinished command: {command}"
-            self._fail(f"guest command did not finish (timeout {timeout_s:.0f} s): {command}")
+            self._fail(f"guest command did not finish ({limit_text}): {command}")
         return int(end.group(1)), self._console.text(begin.end(), end.start())
 
     def check(self, command: str, timeout_s: float = 60.0) -> str:
@@ -534,6 +654,24 @@ class Guest(ProcessHarness):
         if rc != 0:
             raise CommandFailed(command, rc, output)
         return output
+
+    def write_pattern(self, path: str, seed: int | Literal["zero"], offset: int, length: int, *,
+                      direct: bool = False, sync: bool = True, chunk_bytes: int | None = None,
+                      timeout_s: float = 60.0) -> None:
+        """Write pattern ``seed`` at ``[offset, offset+length)`` of ``path`` in the guest (a disk or
+        a file), fsynced unless ``sync=False``."""
+        self.check(pattern_command("write", seed, path, offset, length, direct=direct, sync=sync,
+                                   chunk_bytes=chunk_bytes), timeout_s)
+
+    def check_pattern(self, path: str, seed: int | Literal["zero"], offset: int, length: int, *,
+                      direct: bool = False, chunk_bytes: int | None = None, timeout_s: float = 60.0) -> None:
+        """:class:`PatternMismatch` unless ``[offset, offset+length)`` of ``path`` in the guest holds
+        pattern ``seed`` (read with O_DIRECT if ``direct``, else through the guest's page cache)."""
+        command = pattern_command("check", seed, path, offset, length, direct=direct, chunk_bytes=chunk_bytes)
+        rc, output = self.run(command, timeout_s)
+        if rc != 0:
+            raise PatternMismatch(f"in the guest, {path} [{offset}, +{length}) is not pattern {seed}: "
+                                  f"{output.strip()}")
 
     def _send_script(self, command: str, nonce: str) -> int:
         """Send one RUN request; the console offset from which its answer is to be looked for."""
@@ -555,6 +693,12 @@ class Guest(ProcessHarness):
 
     def _fail(self, what: str) -> NoReturn:
         """Raise GuestExited or GuestTimeout with the evidence a reader needs."""
+        raise self.failure(what)
+
+    def failure(self, what: str) -> GuestError:
+        """GuestExited or GuestTimeout saying ``what``, with the evidence a reader needs: the QEMU
+        command line and stderr, the console's tail, the calibration and every attached log's tail.
+        Tests raise it when their own wait on the guest runs out."""
         if self._console is not None and self._console.closed:
             # QEMU closes the console a moment before its process ends.
             try:
@@ -566,11 +710,22 @@ class Guest(ProcessHarness):
             what += f" (QEMU exited with status {self._proc.returncode})"
         stderr = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
         console = self._console.text() if self._console else ""
+        calibration = ("not calibrated" if self.calibration_s is None else
+                       f"calibration {self.calibration_s:.2f} s against {CALIBRATION_REFERENCE_S:.2f} s")
         message = (
-            f"{what}\nQEMU: {self.command_line_str}\n--- QEMU stderr ---\n{tail_text(stderr)}"
+            f"{what}\nQEMU: {self.command_line_str}\n"
+            f"time scale {self.time_scale:.1f} ({calibration}; boot took "
+            f"{'?' if self.boot_time_s is None else '%.1f' % self.boot_time_s} s)\n"
+            f"--- QEMU stderr ---\n{tail_text(stderr)}"
             f"\n--- console tail ({self.console_log_path}) ---\n{tail_text(console)}"
         )
-        raise (GuestExited if exited else GuestTimeout)(message)
+        for label, read in self._logs.items():
+            try:
+                text = read()
+            except Exception as error:  # the report must not fail for want of a log
+                text = f"(unreadable: {error!r})"
+            message += f"\n--- {label} (tail) ---\n{tail_text(text, LOG_TAIL_CHARS)}"
+        return (GuestExited if exited else GuestTimeout)(message)
 
     # --- QMP ---------------------------------------------------------------------------------
 
@@ -627,14 +782,23 @@ class Guest(ProcessHarness):
 
     def wait_for_path(self, path: str, timeout_s: float = 30.0) -> None:
         """Wait until ``path`` exists in the guest (device nodes appear asynchronously)."""
-        tenths = max(1, int(timeout_s * 10))
-        rc, _ = self.run(
-            f"i=0; while [ ! -e {shlex.quote(path)} ]; do "
-            f"i=$((i+1)); [ $i -gt {tenths} ] && exit 1; usleep 100000; done",
-            timeout_s + 30,
+        self.wait_in_guest(f"[ -e {shlex.quote(path)} ]", timeout_s, f"{path} did not appear in the guest")
+
+    def wait_for_no_path(self, path: str, timeout_s: float = 30.0) -> None:
+        """Wait until ``path`` is gone in the guest (a removed device's nodes go asynchronously)."""
+        self.wait_in_guest(f"[ ! -e {shlex.quote(path)} ]", timeout_s, f"{path} still exists in the guest")
+
+    def wait_in_guest(self, condition: str, timeout_s: float, what: str) -> None:
+        """Poll the shell ``condition`` in the guest every 0.1 s until it holds; the guest's own
+        clock bounds the wait (``timeout_s``, nominal), so the console is free again afterwards."""
+        limit_s = self.scaled(timeout_s)
+        tenths = max(1, int(limit_s * 10))
+        rc, _ = self._run_within(
+            f"i=0; until {condition}; do i=$((i+1)); [ $i -gt {tenths} ] && exit 1; usleep 100000; done",
+            limit_s * 2 + 30, f"waiting for: {condition}",
         )
         if rc != 0:
-            raise GuestTimeout(f"{path} did not appear in the guest within {timeout_s:.0f} s")
+            self._fail(f"{what} within {limit_s:.0f} s")
 
     def dmesg(self) -> str:
         """The guest kernel's log (kept off the console while commands run)."""

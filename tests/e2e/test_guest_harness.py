@@ -1,21 +1,19 @@
-"""The e2e harness proven on a real path: QEMU guest <-> vhost-user-blk <-> qemu-storage-daemon."""
+"""The e2e harness proven on a real path: QEMU guest <-> vhost-user-blk <-> qemu-storage-daemon (and
+vhostd, whose log a guest's failure report carries); the pattern helper both sides use."""
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 
-from guest import CommandFailed, GuestError, GuestExited, GuestTimeout, VhostUserDevice
+from guest import CommandFailed, GuestError, GuestExited, GuestTimeout, PatternMismatch, VhostUserDevice
 
 pytestmark = pytest.mark.e2e
 
-IMAGE_SIZE_BYTES = 64 * 1024 * 1024
-PATTERN_OFFSET_MIB = 8
-# The pattern: the numbers 1000000..1524287, one per 8-byte line, exactly 4 MiB; made in the guest by
-# busybox seq, recomputed here.
-PATTERN_FIRST, PATTERN_LAST = 1000000, 1524287
-PATTERN_BYTES = 4 * 1024 * 1024
+MIB = 1 << 20
+IMAGE_SIZE_BYTES = 64 * MIB
+SEED = 7
+PATTERN_OFFSET = 8 * MIB
+PATTERN_BYTES = 4 * MIB
 
 
 def make_image(path, size_bytes=IMAGE_SIZE_BYTES):
@@ -25,8 +23,27 @@ def make_image(path, size_bytes=IMAGE_SIZE_BYTES):
     return path
 
 
-def expected_pattern() -> bytes:
-    return b"".join(b"%d\n" % i for i in range(PATTERN_FIRST, PATTERN_LAST + 1))
+def test_pattern_helper_depends_on_seed_and_position_and_finds_a_changed_byte(guest_image, tmp_path):
+    tool = guest_image.patterns
+    data = tool.bytes(SEED, 0, 64 * 1024)
+    assert len(data) == 64 * 1024 and data != bytes(len(data))
+    # Position-dependent: the bytes at 4 KiB are the same whether made from 0 or from 4 KiB, and
+    # differ from those at 0; another seed gives other bytes.
+    assert tool.bytes(SEED, 4096, 4096) == data[4096:8192] != data[:4096]
+    assert tool.bytes(SEED + 1, 0, 4096) != data[:4096]
+    path = tmp_path / "file"
+    # Bytes made for position 0 but written at 4 KiB are in the wrong place.
+    path.write_bytes(bytes(4096) + data)
+    tool.check_file(path, "zero", 0, 4096)
+    with pytest.raises(PatternMismatch, match="mismatch at 4096"):
+        tool.check_file(path, SEED, 4096, len(data))
+    path.write_bytes(bytes(4096) + tool.bytes(SEED, 4096, len(data)))
+    tool.check_file(path, SEED, 4096, len(data))
+    changed = bytearray(path.read_bytes())
+    changed[4096 + 5000] ^= 1
+    path.write_bytes(changed)
+    with pytest.raises(PatternMismatch, match="mismatch at 9096: 1 of"):
+        tool.check_file(path, SEED, 4096, len(data))
 
 
 def test_command_output_status_and_failure_are_reported(boot_guest):
@@ -42,12 +59,19 @@ def test_command_output_status_and_failure_are_reported(boot_guest):
     assert guest.poweroff() == 0
 
 
-def test_command_timeout_reports_console_tail_and_retires_guest(boot_guest):
-    guest = boot_guest()
+def test_command_timeout_is_scaled_and_reports_console_and_vhostd_log_and_retires_guest(vhostd, boot_guest):
+    d = vhostd()
+    d.spdk("bdev_malloc_create", "-b", "Malloc0", "16", "512")
+    d.spdk("vhost_create_blk_controller", "vhost.0", "Malloc0")
+    guest = boot_guest(min_time_scale=2.0, devices=[VhostUserDevice("blk", d.socket_dir / "vhost.0")])
+    assert guest.calibration_s > 0 and guest.time_scale >= 2.0
     with pytest.raises(GuestTimeout) as timeout:
         guest.run("echo partial-output-before-hang; sleep 600", timeout_s=1)
-    assert "partial-output-before-hang" in str(timeout.value)
-    assert guest.command_line_str in str(timeout.value)
+    report = str(timeout.value)
+    assert "timeout 1 s x %.1f = " % guest.time_scale in report
+    assert "partial-output-before-hang" in report
+    assert guest.command_line_str in report
+    assert "vhostd ready" in report.split("--- vhostd logs (tail) ---")[1]
     with pytest.raises(GuestError, match="unusable"):
         guest.run("true")
 
@@ -64,28 +88,18 @@ def test_blk_disk_from_storage_daemon_reads_and_writes(boot_guest, storage_daemo
 
     assert guest.read_sysfs("/sys/block/vda/size") == str(IMAGE_SIZE_BYTES // 512)
     assert guest.block_device_sizes()["vda"] == IMAGE_SIZE_BYTES
-    # Write the pattern to the raw disk, drop the page cache so the read goes to the back-end,
-    # read it back and compare checksums in the guest.
-    guest.check(
-        f"seq {PATTERN_FIRST} {PATTERN_LAST} > /tmp/pattern"
-        f" && dd if=/tmp/pattern of=/dev/vda bs=1M seek={PATTERN_OFFSET_MIB} conv=fsync 2>/dev/null"
-        " && echo 3 > /proc/sys/vm/drop_caches"
-    )
-    written, read_back = guest.check(
-        "md5sum < /tmp/pattern;"
-        f" dd if=/dev/vda bs=1M skip={PATTERN_OFFSET_MIB} count={PATTERN_BYTES >> 20} 2>/dev/null | md5sum"
-    ).splitlines()
-    assert written == read_back
+    # Through the page cache to the raw disk, then read back cold so the read goes to the back-end.
+    guest.write_pattern("/dev/vda", SEED, PATTERN_OFFSET, PATTERN_BYTES, chunk_bytes=MIB)
+    guest.check("echo 3 > /proc/sys/vm/drop_caches")
+    guest.check_pattern("/dev/vda", SEED, PATTERN_OFFSET, PATTERN_BYTES)
+    with pytest.raises(PatternMismatch):
+        guest.check_pattern("/dev/vda", SEED + 1, PATTERN_OFFSET, PATTERN_BYTES)
     assert guest.poweroff() == 0
 
-    pattern = expected_pattern()
-    assert len(pattern) == PATTERN_BYTES
-    assert written.split()[0] == hashlib.md5(pattern).hexdigest()
-    data = image.read_bytes()
-    offset = PATTERN_OFFSET_MIB << 20
-    assert data[offset : offset + PATTERN_BYTES] == pattern
-    assert data[:offset] == bytes(offset)
-    assert data[offset + PATTERN_BYTES :] == bytes(len(data) - offset - PATTERN_BYTES)
+    guest.image.patterns.check_file(image, SEED, PATTERN_OFFSET, PATTERN_BYTES)
+    guest.image.patterns.check_file(image, "zero", 0, PATTERN_OFFSET)
+    end = PATTERN_OFFSET + PATTERN_BYTES
+    guest.image.patterns.check_file(image, "zero", end, IMAGE_SIZE_BYTES - end)
 
 
 def test_blk_disk_with_two_queues_gets_two_blk_mq_queues(boot_guest, storage_daemon, tmp_path):

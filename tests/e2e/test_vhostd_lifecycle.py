@@ -3,34 +3,37 @@ controller or bdev removed under a guest.  vhostd keeps serving, and releases wh
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
-import time
 
 import pytest
 
-from guest import VhostUserDevice
+from guest import VhostUserDevice, pattern_command
 from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
 MIB = 1 << 20
+# The writers' pattern; each phase's own pattern has its own seed, so stale data is caught.
+WRITER_SEED = 1
+PHASE_BYTES = MIB
+# Enough writes to show a writer is under way (each is one 64 KiB request).
+WRITES_UNDER_WAY = 50
 
 
-def pattern(first: int) -> bytes:
-    """1 MiB of 8-byte lines, as the guest's ``seq first first+131071`` prints them."""
-    return b"".join(b"%d\n" % i for i in range(first, first + MIB // 8))
+def write_phase(guest, seed: int, offset_mib: int, disk: str = "/dev/vda") -> None:
+    """1 MiB of pattern ``seed`` at ``offset_mib`` of ``disk``, O_DIRECT and fsynced."""
+    guest.write_pattern(disk, seed, offset_mib * MIB, PHASE_BYTES, direct=True)
 
 
-def write_pattern(guest, first: int, offset_mib: int, disk: str = "/dev/vda") -> None:
-    guest.check(f"seq {first} {first + MIB // 8 - 1} > /tmp/pat && dd if=/tmp/pat of={disk} bs=64k"
-                f" seek={offset_mib * 16} oflag=direct conv=fsync,notrunc 2>/dev/null")
+def check_phase(guest, seed: int, offset_mib: int, disk: str = "/dev/vda") -> None:
+    """The guest reads back (O_DIRECT) what :func:`write_phase` wrote there."""
+    guest.check_pattern(disk, seed, offset_mib * MIB, PHASE_BYTES, direct=True)
 
 
-def read_md5(guest, offset_mib: int, disk: str = "/dev/vda") -> str:
-    return guest.check(f"dd if={disk} bs=64k skip={offset_mib * 16} count=16 iflag=direct 2>/dev/null"
-                       " | md5sum").split()[0]
+def check_phase_in_file(guest, path, seed: int, offset_mib: int) -> None:
+    """The file behind the disk holds what :func:`write_phase` wrote there."""
+    guest.image.patterns.check_file(path, seed, offset_mib * MIB, PHASE_BYTES)
 
 
 def io_errors(guest) -> str:
@@ -43,7 +46,7 @@ def test_guest_reboot_resets_the_device_and_keeps_its_data(vhostd, boot_guest, s
     d.spdk("bdev_aio_create", str(image), "File0")
     d.spdk("vhost_create_blk_controller", "vhost.0", "File0")
     guest = boot_guest(reboot_resets=True, devices=[VhostUserDevice("blk", d.socket_dir / "vhost.0")])
-    write_pattern(guest, 2000000, 0)
+    write_phase(guest, 2, 0)
     stops_before = d.log().count("GET_VRING_BASE")
     kicks_before = d.log().count("SET_VRING_KICK")
 
@@ -55,14 +58,14 @@ def test_guest_reboot_resets_the_device_and_keeps_its_data(vhostd, boot_guest, s
     (info,) = d.rpc("vhost_get_controllers")
     (session,) = info["sessions"]
     assert session["started"] is True
-    assert read_md5(guest, 0) == hashlib.md5(pattern(2000000)).hexdigest()
-    write_pattern(guest, 3000000, 4)
-    assert read_md5(guest, 4) == hashlib.md5(pattern(3000000)).hexdigest()
+    check_phase(guest, 2, 0)
+    write_phase(guest, 3, 4)
+    check_phase(guest, 3, 4)
     assert io_errors(guest) == ""
     assert guest.poweroff() == 0
     assert d.proc.poll() is None
-    data = image.read_bytes()
-    assert data[:MIB] == pattern(2000000) and data[4 * MIB:5 * MIB] == pattern(3000000)
+    check_phase_in_file(guest, image, 2, 0)
+    check_phase_in_file(guest, image, 3, 4)
 
 
 def open_fds(pid: int) -> set[str]:
@@ -121,12 +124,27 @@ def without(fds: set[str], *paths) -> set[str]:
 
 
 def start_writers(guest, disk: str = "/dev/vda", count: int = 2) -> None:
-    """Background writers (O_DIRECT, 4 MiB each, over and over) that stop at their first failed
-    write; each then leaves that dd's exit status in /tmp/wrc<i>."""
-    guest.check("rm -f /tmp/wrc*; seq 1 2000000 > /tmp/p")
-    guest.check(f"for i in $(seq 0 {count - 1}); do (while :; do dd if=/tmp/p of={disk} bs=64k"
-                " seek=$((i * 64)) count=64 oflag=direct conv=notrunc 2>/dev/null"
-                " || { echo $? > /tmp/wrc$i; break; }; done) & done")
+    """Background writers, writer i writing pattern WRITER_SEED over [4i, 4i+4) MiB (O_DIRECT, in
+    64 KiB requests) over and over, each stopping at its first failed write; a writer that stops
+    leaves its exit status in /tmp/wrc<i>."""
+    guest.check("rm -f /tmp/wrc*")
+    for i in range(count):
+        write = pattern_command("write", WRITER_SEED, disk, i * 4 * MIB, 4 * MIB, direct=True)
+        guest.check(f"(while :; do {write} 2>/dev/null || {{ echo $? > /tmp/wrc{i}; break; }}; done)"
+                    " >/dev/null 2>&1 &")
+
+
+def write_ops(d, bdev: str) -> int:
+    return d.rpc("bdev_get_iostat", name=bdev)["bdevs"][0]["num_write_ops"]
+
+
+def wait_for_writes(d, guest, bdev: str, more_than: int) -> None:
+    """Wait until ``bdev`` has served more than ``more_than`` writes (the guest's writers are under
+    way); the guest's failure report if they never get there."""
+    try:
+        wait_for(lambda: write_ops(d, bdev) > more_than, timeout=guest.scaled(30), interval=0.1)
+    except TimeoutError:
+        raise guest.failure(f"{bdev} served {write_ops(d, bdev)} writes, not more than {more_than}") from None
 
 
 def test_qemu_killed_mid_io_releases_the_session_and_a_new_qemu_attaches(vhostd, boot_guest, sparse_file):
@@ -139,7 +157,7 @@ def test_qemu_killed_mid_io_releases_the_session_and_a_new_qemu_attaches(vhostd,
     device = VhostUserDevice("blk", d.socket_dir / "vhost.0")
     guest = boot_guest(devices=[device])
     start_writers(guest)
-    wait_for(lambda: d.rpc("bdev_get_iostat")["bdevs"][0]["num_write_ops"] > 50, timeout=30, interval=0.1)
+    wait_for_writes(d, guest, "File0", WRITES_UNDER_WAY)
     (session,) = d.rpc("vhost_get_controllers")[0]["sessions"]
     assert session["started"] is True
     # Guest RAM and the inflight region are mapped while the session lives.
@@ -148,19 +166,19 @@ def test_qemu_killed_mid_io_releases_the_session_and_a_new_qemu_attaches(vhostd,
     assert len(open_fds(pid)) > len(fds_idle)
 
     guest.kill()
-    wait_for(lambda: d.rpc("vhost_get_controllers")[0]["sessions"] == [], timeout=10, interval=0.1)
+    wait_for(lambda: d.rpc("vhost_get_controllers")[0]["sessions"] == [], timeout=guest.scaled(10), interval=0.1)
     assert "%s: front-end disconnected" % session["name"] in d.log()
     assert d.proc.poll() is None
     assert_released(pid, fds_idle, maps_idle)
 
     again = boot_guest(devices=[device])
-    write_pattern(again, 4000000, 8)
-    assert read_md5(again, 8) == hashlib.md5(pattern(4000000)).hexdigest()
+    write_phase(again, 4, 8)
+    check_phase(again, 4, 8)
     assert io_errors(again) == ""
     assert again.poweroff() == 0
-    wait_for(lambda: d.rpc("vhost_get_controllers")[0]["sessions"] == [], timeout=10, interval=0.1)
+    wait_for(lambda: d.rpc("vhost_get_controllers")[0]["sessions"] == [], timeout=again.scaled(10), interval=0.1)
     assert_released(pid, fds_idle, maps_idle)
-    assert image.read_bytes()[8 * MIB:9 * MIB] == pattern(4000000)
+    check_phase_in_file(again, image, 4, 8)
 
 
 def writer_codes(guest, count: int = 2) -> list[int]:
@@ -215,18 +233,20 @@ def unplug_and_finish_delete(d, guest, thread, result) -> None:
 def test_bdev_hot_removed_under_a_writing_guest_fails_its_io_and_nothing_else(two_controllers):
     d, guest, image, (fds_idle, maps_idle) = two_controllers
     start_writers(guest, "/dev/vdb")
-    wait_for(lambda: d.rpc("bdev_get_iostat", name="File0")["bdevs"][0]["num_write_ops"] > 50,
-             timeout=30, interval=0.1)
+    wait_for_writes(d, guest, "File0", WRITES_UNDER_WAY)
     d.spdk("bdev_aio_delete", "File0")
     # Each writer stops at its first failed write: the guest saw an I/O error, not a hang.
-    wait_for(lambda: len(writer_codes(guest)) == 2, timeout=30, interval=0.5)
+    try:
+        wait_for(lambda: len(writer_codes(guest)) == 2, timeout=guest.scaled(30), interval=0.5)
+    except TimeoutError:
+        raise guest.failure(f"writers still running after File0 went: {writer_codes(guest)}") from None
     assert all(code != 0 for code in writer_codes(guest))
     assert "vdb" in io_errors(guest)
     assert guest.run("dd if=/dev/vdb of=/dev/null bs=4k count=1 iflag=direct")[0] != 0
     assert d.rpc("vhost_get_controllers", name="vhost.0")[0]["backend_specific"]["block"]["bdev"] is None
     # The other controller is untouched.
-    write_pattern(guest, 5000000, 2, disk="/dev/vda")
-    assert read_md5(guest, 2, disk="/dev/vda") == hashlib.md5(pattern(5000000)).hexdigest()
+    write_phase(guest, 5, 2)
+    check_phase(guest, 5, 2)
     assert "vda" not in io_errors(guest)
 
     # The controller goes when its front-end does; then the file and the session are let go.
@@ -234,30 +254,27 @@ def test_bdev_hot_removed_under_a_writing_guest_fails_its_io_and_nothing_else(tw
     unplug_and_finish_delete(d, guest, thread, result)
     assert not any(str(image) in fd for fd in open_fds(d.proc.pid))
     assert_released(d.proc.pid, fds_idle, maps_idle)
-    assert read_md5(guest, 2, disk="/dev/vda") == hashlib.md5(pattern(5000000)).hexdigest()
+    check_phase(guest, 5, 2)
 
 
 def test_controller_deleted_under_a_writing_guest_goes_when_the_guest_lets_go(two_controllers):
     d, guest, image, (fds_idle, maps_idle) = two_controllers
     start_writers(guest, "/dev/vdb")
-    wait_for(lambda: d.rpc("bdev_get_iostat", name="File0")["bdevs"][0]["num_write_ops"] > 50,
-             timeout=30, interval=0.1)
+    wait_for_writes(d, guest, "File0", WRITES_UNDER_WAY)
     thread, result = delete_in_background(d, "vhost.0")
-    time.sleep(1)
-    # While the guest holds the controller the delete waits and the guest's I/O goes on.
+    # While the guest holds the controller the delete waits and the guest's I/O goes on: the
+    # writers get well past where they were and the delete has still not replied.
+    wait_for_writes(d, guest, "File0", write_ops(d, "File0") + 20)
     assert result == [] and thread.is_alive()
-    ops = d.rpc("bdev_get_iostat", name="File0")["bdevs"][0]["num_write_ops"]
-    wait_for(lambda: d.rpc("bdev_get_iostat", name="File0")["bdevs"][0]["num_write_ops"] > ops + 20,
-             timeout=30, interval=0.1)
     assert writer_codes(guest) == []
-    write_pattern(guest, 6000000, 2, disk="/dev/vda")
-    assert read_md5(guest, 2, disk="/dev/vda") == hashlib.md5(pattern(6000000)).hexdigest()
+    write_phase(guest, 6, 2)
+    check_phase(guest, 6, 2)
 
     # Unplugged with its writers still running: QEMU stops the rings with requests in flight.
     unplug_and_finish_delete(d, guest, thread, result)
     assert "vda" not in io_errors(guest)
-    assert read_md5(guest, 2, disk="/dev/vda") == hashlib.md5(pattern(6000000)).hexdigest()
+    check_phase(guest, 6, 2)
     # The bdev outlives its controller and still holds what the guest wrote.
     d.spdk("bdev_aio_delete", "File0")
     assert_released(d.proc.pid, fds_idle, maps_idle)
-    assert image.read_bytes()[:64 * 1024] == b"".join(b"%d\n" % i for i in range(1, 20000))[:64 * 1024]
+    guest.image.patterns.check_file(image, WRITER_SEED, 0, 64 * 1024)

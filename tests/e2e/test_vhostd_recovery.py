@@ -8,12 +8,20 @@ import time
 
 import pytest
 
-from guest import VhostUserDevice
+from guest import VhostUserDevice, pattern_command
 from tests.helpers.daemon import Daemon
+from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
 DISK_MIB = 64
+SEED = 10
+WRITERS = 4
+SLICE_BYTES = 12 << 20
+PATTERN_BYTES = WRITERS * SLICE_BYTES
+REQUEST_BYTES = 16 << 10
+# The target stays down this long before it is started again: an outage, not a wait for anything.
+OUTAGE_S = 0.5
 
 
 def write_config(path, image):
@@ -25,7 +33,7 @@ def write_config(path, image):
 
 
 @pytest.fixture
-def setup(socket_dir, tmp_path, sparse_file):
+def setup(socket_dir, tmp_path, sparse_file, started_daemons):
     image = sparse_file(DISK_MIB << 20)
     config = tmp_path / "config.json"
     write_config(config, image)
@@ -36,6 +44,7 @@ def setup(socket_dir, tmp_path, sparse_file):
     def start():
         d = Daemon(workdir=str(workdir), config=str(config))
         daemons.append(d)
+        started_daemons.append(d)
         return d.start()
 
     yield image, start
@@ -45,47 +54,54 @@ def setup(socket_dir, tmp_path, sparse_file):
         d.cleanup()
 
 
-def start_writer(guest):
+def start_writers(guest):
     """Four background writers of 12 MiB each (O_DIRECT, fsync at the end), so several requests
-    are in flight — and complete out of order — when the target goes away."""
-    guest.check("seq 10000000 15999999 | head -c 50331648 > /tmp/pattern")
-    guest.check("for i in 0 1 2 3; do (dd if=/tmp/pattern of=/dev/vda bs=64k skip=$((i * 192)) seek=$((i * 192))"
-                " count=192 oflag=direct conv=fsync,notrunc; echo $? > /tmp/rc$i) > /tmp/dd$i.log 2>&1 & done")
+    are in flight — and complete out of order — when the target goes away. Each leaves its exit
+    status in /tmp/rc<i>."""
+    jobs = "".join(
+        f"({pattern_command('write', SEED, '/dev/vda', i * SLICE_BYTES, SLICE_BYTES, direct=True, sync=True, chunk_bytes=REQUEST_BYTES)};"
+        f" echo $? > /tmp/rc{i}) > /tmp/w{i}.log 2>&1 & "
+        for i in range(WRITERS))
+    guest.check("rm -f /tmp/rc*; " + jobs + "true")
 
 
-def wait_writer(guest, timeout_s=240):
-    deadline = time.monotonic() + timeout_s
+def wait_writers(guest, timeout_s=240):
+    """The writers' exit statuses once all have finished (``timeout_s`` nominal)."""
+    deadline = time.monotonic() + guest.scaled(timeout_s)
     while time.monotonic() < deadline:
-        rc, out = guest.run("cat /tmp/rc0 /tmp/rc1 /tmp/rc2 /tmp/rc3 2>/dev/null")
-        codes = out.split()
-        if len(codes) == 4:
-            return [int(c) for c in codes], guest.check("cat /tmp/dd*.log")
+        codes = guest.check("cat /tmp/rc* 2>/dev/null; true").split()
+        if len(codes) == WRITERS:
+            return [int(c) for c in codes]
         time.sleep(0.5)
-    raise TimeoutError("the guest's writers did not finish: " + guest.check("cat /tmp/dd*.log; dmesg | tail"))
+    raise guest.failure("the guest's writers did not finish: " + guest.check("cat /tmp/w*.log; dmesg | tail"))
+
+
+def bytes_written(d):
+    return d.rpc("bdev_get_iostat")["bdevs"][0]["bytes_written"]
 
 
 @pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
-def test_guest_survives_a_target_restart_mid_write(setup, boot_guest, how):
+def test_guest_survives_a_target_restart_mid_write(setup, boot_guest, guest_image, how):
     image, start = setup
     d = start()
     guest = boot_guest(devices=[VhostUserDevice("blk", d.socket_dir / "vhost.0", reconnect_s=1)])
-    start_writer(guest)
-    time.sleep(0.3)
+    start_writers(guest)
+    # Mid-write: the writers are under way and far from done.
+    wait_for(lambda: bytes_written(d) >= 64 * REQUEST_BYTES, timeout=guest.scaled(60), interval=0.02)
+    written_before = bytes_written(d)
     if how == "kill -9":
         d.kill()
     else:
         d.stop()
-    time.sleep(0.5)
+    print(f"the target went away after {written_before >> 10} KiB of {PATTERN_BYTES >> 10} KiB")
+    assert written_before < PATTERN_BYTES
+    time.sleep(OUTAGE_S)
     start()
-    codes, log = wait_writer(guest)
-    assert codes == [0, 0, 0, 0], log
+    assert wait_writers(guest) == [0] * WRITERS, guest.check("cat /tmp/w*.log")
     errors = guest.run("dmesg | grep -iE 'I/O error|blk_update_request|critical' ")[1]
     assert errors == "", errors
-    written, read_back = guest.check(
-        "echo 3 > /proc/sys/vm/drop_caches; md5sum < /tmp/pattern;"
-        " dd if=/dev/vda bs=1M count=48 iflag=direct 2>/dev/null | md5sum").splitlines()
-    assert written == read_back
-    pattern = guest.check("md5sum < /tmp/pattern").split()[0]
+    guest.check("echo 3 > /proc/sys/vm/drop_caches")
+    guest.check_pattern("/dev/vda", SEED, 0, PATTERN_BYTES, direct=True)
     assert guest.poweroff() == 0
-    import hashlib
-    assert hashlib.md5(image.read_bytes()[:48 << 20]).hexdigest() == pattern
+    guest_image.patterns.check_file(image, SEED, 0, PATTERN_BYTES)
+    guest_image.patterns.check_file(image, "zero", PATTERN_BYTES, (DISK_MIB << 20) - PATTERN_BYTES)

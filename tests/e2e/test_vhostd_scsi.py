@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from guest import VhostUserDevice
+from guest import VhostUserDevice, pattern_command
 
 pytestmark = pytest.mark.e2e
+
+MIB = 1 << 20
+SEED = 1
+PATTERN_BYTES = 4 * MIB
+# The hot-plug test's writer: seven 4 MiB writes over [0, 28) MiB of target 0.
+WRITER_SEED = 2
+WRITER_CHUNKS = 7
 
 # (host, channel, target, lun) directory of each SCSI device and the disk under it
 LIST_DISKS = ('for d in /sys/bus/scsi/devices/*:*:*:*; do [ -d "$d/block" ] && '
@@ -48,22 +55,23 @@ def test_guest_sees_scsi_targets_with_their_geometry_and_identity(vhostd, boot_g
     assert int(guest.read_sysfs(sys0 + "/queue/discard_max_bytes")) > 0
     assert guest.read_sysfs("/sys/class/scsi_disk/0:0:0:0/provisioning_mode") == "unmap"
     assert guest.read_sysfs("/sys/class/scsi_disk/0:0:0:0/cache_type") == "write back"
-    a, b = "/dev/" + disks[0], "/dev/" + disks[1]
-    guest.check(f"seq 1000000 1524287 > /tmp/pattern"
-                f" && dd if=/tmp/pattern of={a} bs=1M seek=8 conv=fsync 2>/dev/null"
-                f" && dd if=/tmp/pattern of={b} bs=1M seek=4 conv=fsync 2>/dev/null"
-                f" && dd if=/tmp/pattern of=/dev/{disks[3]} bs=1M seek=2 oflag=direct 2>/dev/null"
-                " && echo 3 > /proc/sys/vm/drop_caches")
-    sums = guest.check(f"md5sum < /tmp/pattern; dd if={a} bs=1M skip=8 count=4 2>/dev/null | md5sum;"
-                       f" dd if={b} bs=1M skip=4 count=4 2>/dev/null | md5sum;"
-                       f" dd if=/dev/{disks[3]} bs=1M skip=2 count=4 2>/dev/null | md5sum").splitlines()
-    assert sums[0] == sums[1] == sums[2] == sums[3]
-    guest.check(f"blkdiscard -o 0 -l 1048576 {a}")
-    assert guest.check(f"dd if={a} bs=1M count=1 2>/dev/null | md5sum").split()[0] == \
-        guest.check("dd if=/dev/zero bs=1M count=1 2>/dev/null | md5sum").split()[0]
+    a, b, c = ("/dev/" + disks[n] for n in (0, 1, 3))
+    # Through the page cache (the guest's writeback makes the requests), and O_DIRECT on the 4 KiB
+    # disk; read back cold.
+    guest.write_pattern(a, SEED, 8 * MIB, PATTERN_BYTES, chunk_bytes=MIB)
+    guest.write_pattern(b, SEED, 4 * MIB, PATTERN_BYTES, chunk_bytes=MIB)
+    guest.write_pattern(c, SEED, 2 * MIB, PATTERN_BYTES, direct=True, chunk_bytes=MIB)
+    guest.check("echo 3 > /proc/sys/vm/drop_caches")
+    guest.check_pattern(a, SEED, 8 * MIB, PATTERN_BYTES)
+    guest.check_pattern(b, SEED, 4 * MIB, PATTERN_BYTES)
+    guest.check_pattern(c, SEED, 2 * MIB, PATTERN_BYTES, direct=True)
+    # Unmapped blocks of a malloc disk read back as zeros.
+    guest.write_pattern(a, SEED, 0, MIB, direct=True)
+    guest.check(f"blkdiscard -o 0 -l {MIB} {a}")
+    guest.check_pattern(a, "zero", 0, MIB, direct=True)
     assert guest.poweroff() == 0
-    data = image.read_bytes()
-    assert data[4 << 20:8 << 20] == b"".join(b"%d\n" % i for i in range(1000000, 1524288))
+    guest.image.patterns.check_file(image, SEED, 4 * MIB, PATTERN_BYTES)
+    guest.image.patterns.check_file(image, "zero", 0, 4 * MIB)
     stat = {s["name"]: s for s in d.spdk("bdev_get_iostat")["bdevs"]}
     assert stat["File0"]["bytes_written"] >= 4 << 20 and stat["Malloc0"]["num_unmap_ops"] >= 1
 
@@ -81,9 +89,9 @@ def test_targets_added_and_removed_while_the_guest_runs(vhostd, boot_guest):
     assert sorted(disks) == [0, 1]
     a = "/dev/" + disks[0]
     # A writer on target 0 runs across the hot-plug events.
-    guest.check(f"seq 1 400000 > /tmp/p; (for i in 0 1 2 3 4 5 6; do dd if=/tmp/p of={a} bs=64k "
-                f"seek=$((i * 64)) conv=fsync 2>/dev/null || echo WRITE-FAILED; done > /tmp/w.log 2>&1) &"
-                " echo $! > /tmp/w.pid")
+    writes = "; ".join(pattern_command("write", WRITER_SEED, a, i * 4 * MIB, 4 * MIB, sync=True)
+                       + " || echo WRITE-FAILED" for i in range(WRITER_CHUNKS))
+    guest.check(f"({writes}) > /tmp/w.log 2>&1 & echo $! > /tmp/w.pid")
     assert d.spdk("vhost_scsi_controller_add_target", "vhost.0", "4", "Malloc2") == 4
     guest.wait_for_path("/sys/bus/scsi/devices/0:0:4:0/block", timeout_s=60)
     disks = disks_by_target(guest)
@@ -91,12 +99,11 @@ def test_targets_added_and_removed_while_the_guest_runs(vhostd, boot_guest):
     assert guest.block_device_sizes()[disks[4]] == 8 << 20
     guest.check(f"echo hello | dd of=/dev/{disks[4]} bs=4096 conv=sync,fsync 2>/dev/null")
     d.spdk("vhost_scsi_controller_remove_target", "vhost.0", "1")
-    gone = f"/sys/bus/scsi/devices/0:0:1:0"
-    guest.check(f"i=0; while [ -e {gone} ]; do i=$((i+1)); [ $i -gt 600 ] && exit 1; usleep 100000; done")
+    guest.wait_for_no_path("/sys/bus/scsi/devices/0:0:1:0", timeout_s=60)
     assert sorted(disks_by_target(guest)) == [0, 4]
-    guest.check("while kill -0 $(cat /tmp/w.pid) 2>/dev/null; do usleep 100000; done", timeout_s=120)
+    guest.wait_in_guest("! kill -0 $(cat /tmp/w.pid) 2>/dev/null", 120, "the writer did not finish")
     assert "WRITE-FAILED" not in guest.check("cat /tmp/w.log")
-    assert guest.check(f"dd if={a} bs=64k skip=64 count=1 2>/dev/null | head -c 7") == "1\n2\n3\n4"[:7]
+    guest.check_pattern(a, WRITER_SEED, 0, WRITER_CHUNKS * 4 * MIB, direct=True)
     assert "I/O error" not in guest.dmesg().replace(disks[1], "")
     d.spdk("bdev_malloc_delete", "Malloc1")          # released by the removal
     (info,) = d.spdk("vhost_get_controllers")
