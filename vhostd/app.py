@@ -29,6 +29,7 @@ from .rpc.dispatch import Dispatcher
 from .rpc.http import HttpServer, load_credentials
 from .rpc.registry import REGISTRY, State
 from .rpc.server import RpcServer
+from .service_notify import ServiceNotifier
 from .vhost.manager import VhostManager
 
 log = logging.getLogger("vhostd.app")
@@ -49,6 +50,7 @@ class Options:
     http_auth: str | None = None
     log_level: str = "NOTICE"
     print_level: str = "INFO"
+    log_format: str = "text"
     socket_mode: int = 0o600
     socket_group: str | None = None
     idle_sleep_us: float = 200.0
@@ -57,7 +59,8 @@ class Options:
 class App:
     def __init__(self, options: Options) -> None:
         self.options = options
-        self.logs = Logs(options.log_level, options.print_level)
+        self.logs = Logs(options.log_level, options.print_level, options.log_format)
+        self.notifier = ServiceNotifier()
         self.state = State.STARTUP
         self.tick_rate = dp.tick_rate()
         self.reactors = ReactorSet(options.cores, options.idle_sleep_us)
@@ -104,6 +107,7 @@ class App:
             await self._apply(config, State.STARTUP)
             if self.options.wait_for_rpc:
                 log.log(25, "waiting for framework_start_init (--wait-for-rpc)")
+                self.notifier.status("waiting for framework_start_init on %s" % self.options.rpc_socket)
             else:
                 await self.start_init()
             if await self._stopped_before(self._initialized):
@@ -111,6 +115,8 @@ class App:
             await self._apply(config, State.RUNTIME)
             log.log(25, "vhostd ready: RPC %s, cores %s, sockets in %s", self.options.rpc_socket,
                     self.reactors.cores, os.path.abspath(self.options.socket_dir))
+            self.notifier.ready("serving %d controllers on cores %s; RPC %s" % (
+                len(self.vhost.controllers), self.reactors.cores, self.options.rpc_socket))
             await self._stop.wait()
         finally:
             await self.shutdown()
@@ -124,7 +130,9 @@ class App:
         return not event.is_set()
 
     def request_stop(self) -> None:
-        log.log(25, "stopping")
+        if not self._stop.is_set():
+            log.log(25, "stopping")
+            self.notifier.stopping()
         self._stop.set()
 
     async def shutdown(self) -> None:

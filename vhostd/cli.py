@@ -9,7 +9,7 @@ import sys
 from . import __version__, cpumask
 from .app import App, Options, StartupError
 from .errors import InvalidArgument
-from .logs import LEVELS
+from .logs import FORMATS, LEVELS
 from .rpc.server import SocketInUse
 
 
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="user:password lines for HTTP Basic auth (without it: loopback peers only)")
     ap.add_argument("-L", "--log-level", dest="log_level", choices=sorted(LEVELS), default=None,
                     help="log level (default NOTICE; also sets the print level)")
+    ap.add_argument("--log-format", choices=FORMATS, default="text",
+                    help="stderr log lines: text (default) or json, one object per line")
     ap.add_argument("--socket-mode", type=lambda s: int(s, 8), default=0o600, metavar="MODE",
                     help="mode of controller sockets, octal (default 0600)")
     ap.add_argument("--socket-group", metavar="GROUP", help="group owning controller sockets")
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(socket_dir=args.socket_dir, rpc_socket=args.rpc_socket, cores=args.cores,
                       config=args.config, wait_for_rpc=args.wait_for_rpc, http=args.http,
                       http_auth=args.http_auth, socket_mode=args.socket_mode,
-                      socket_group=args.socket_group)
+                      socket_group=args.socket_group, log_format=args.log_format)
     if args.log_level is not None:
         options.log_level = options.print_level = args.log_level
     try:
