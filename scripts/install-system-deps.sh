@@ -7,6 +7,7 @@ PACKAGES=(
     libc6-dev                                                   # the guest's static pattern helper
     clang libclang-rt-14-dev                                    # AddressSanitizer build for fuzzing
     valgrind                                                    # instruction counts in the benchmark
+    systemd tmux                                                # unit file check, vhostd-top's screen test
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -195,6 +195,10 @@ class VhostGetControllers(Params):
     name: str | None = None
 
 
+class VhostGetQueueStats(Params):
+    name: str | None = None
+
+
 class AddLun(Params):
     """The design card's add_lun: a bdev as LUN 0 of a target (first free slot by default)."""
 

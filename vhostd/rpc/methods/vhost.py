@@ -92,6 +92,20 @@ def vhost_get_controllers(app, p: P.VhostGetControllers):
     return app.vhost.infos(p.name)
 
 
+@rpc_method("vhost_get_queue_stats", result=dict, params=P.VhostGetQueueStats,
+            decode_error=(-32603, "Invalid argument"), map_error=_get_error)
+def vhost_get_queue_stats(app, p: P.VhostGetQueueStats):
+    """vhostd's own: the counters of every virtqueue of the controllers (or one) since its front-end
+    connected: requests, ops and bytes by kind, errors, rejected chains, notifications, kicks, the
+    latency sum and log2 histogram in ticks (bucket b counts latencies below 2^(b+1) ticks)."""
+    names = [p.name] if p.name is not None else sorted(app.vhost.controllers)
+    controllers = []
+    for name in names:
+        c = app.vhost.get(name)
+        controllers.append({"ctrlr": c.name, "queues": c.queue_stats()})
+    return {"tick_rate": app.tick_rate, "controllers": controllers}
+
+
 def _blk_config(app) -> list:
     entries = []
     for c in app.vhost.of_kind("blk"):
