@@ -20,8 +20,9 @@ cdef extern from *:
     }
     static inline void vhd_cpu_relax(void) { }
     #endif
-    /* A reactor reads the TSC once per pass and lets the per-request code use that value
-       (vhd_clock); any other thread gets the TSC itself. */
+    /* A reactor reads the TSC at the start of each pass and whenever a queue shows it new
+       requests (vq_pop), and lets the per-request code use that value (vhd_clock); any other
+       thread gets the TSC itself. */
     static __thread uint64_t vhd_now_tick;
     static __thread int vhd_clock_cached;
     static inline uint64_t vhd_clock(void) { return vhd_clock_cached ? vhd_now_tick : vhd_ticks(); }

@@ -167,6 +167,10 @@ cdef int vq_pop(vq_t *vq, task_t **out) noexcept nogil:
             if <uint16_t>(avail_idx - vq.last_avail_idx) > vq.size:
                 return -1
             vq.avail_cache = avail_idx
+            # The requests just seen are timed from now, not from the start of the pass: a pass
+            # that keeps finding requests the driver posted after it began would charge them
+            # time they did not wait (4x the client's latency at 4 M IOPS, QD 8).
+            vhd_clock_refresh()
         head = vhd_load_u16(&vq.avail[2 + vq.last_avail_idx % vq.size])
         if head >= vq.size:
             return -1
