@@ -8,6 +8,7 @@ PACKAGES=(
     clang libclang-rt-14-dev                                    # AddressSanitizer build for fuzzing
     valgrind                                                    # instruction counts in the benchmark
     systemd tmux                                                # unit file check, vhostd-top's screen test
+    prometheus                                                  # scraping /metrics, the dashboard's PromQL
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -76,8 +76,12 @@ class _DataPlaneCollector:
         kicks = CounterMetricFamily("vhostd_queue_kicks", "Guest kicks that woke a sleeping reactor", labels=labels)
         latency = HistogramMetricFamily("vhostd_queue_latency_seconds",
                                         "Request latency from pop to push", labels=labels)
+        connected = GaugeMetricFamily("vhostd_controller_frontend_connected",
+                                      "1 while a front-end (QEMU) is connected to the controller",
+                                      labels=["ctrlr", "type"])
         rate = self.app.tick_rate
         for ctrlr in self.app.vhost.controllers.values():
+            connected.add_metric([ctrlr.name, ctrlr.kind], 1 if ctrlr.connection is not None else 0)
             for q in ctrlr.queue_stats():
                 key = [ctrlr.name, str(q["queue"])]
                 requests.add_metric(key, q["requests"])
@@ -98,7 +102,7 @@ class _DataPlaneCollector:
                     buckets.append(("%.9g" % ((2 ** (b + 1)) / rate), total))
                 buckets.append(("+Inf", total))
                 latency.add_metric(key, buckets, q["latency_ticks"] / rate)
-        yield from (requests, ops, nbytes, errors, bad, notify, suppressed, coalesced, kicks, latency)
+        yield from (connected, requests, ops, nbytes, errors, bad, notify, suppressed, coalesced, kicks, latency)
 
     def _reactors(self):
         busy = CounterMetricFamily("vhostd_reactor_busy_seconds", "Time reactors spent on work", labels=["lcore"])
