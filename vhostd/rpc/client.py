@@ -4,9 +4,13 @@
     vhostd-rpc -s /var/tmp/spdk.sock vhost_get_controllers
     vhostd-rpc --http http://127.0.0.1:9250 --user admin:secret rpc_get_methods
     vhostd-rpc bdev_get_bdevs '{"name": "Malloc0"}'
+    vhostd-rpc attach-qemu vhost.0 [memory_mib=1024] [num_queues=1]
+    vhostd-rpc attach-libvirt vhost.0 [target_dev=vdb] [num_queues=1]
 
 Params are key=value pairs (values read as JSON when they parse, else as strings) or one JSON
 object.  The result is printed as JSON; an error prints its code and message and exits 1.
+attach-qemu and attach-libvirt are not RPC methods: they read the controller with
+vhost_get_controllers and print the QEMU options or the libvirt domain XML that attach a guest.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from ..attach import libvirt_xml, qemu_options
 from .framing import JsonStreamDecoder
+
+ATTACH_FORMS = {"attach-qemu": qemu_options, "attach-libvirt": libvirt_xml}
 
 
 class RpcCallError(Exception):
@@ -96,16 +103,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("method")
     ap.add_argument("params", nargs="*")
     args = ap.parse_args(argv)
-    try:
-        params = parse_params(args.params)
+    def call(method: str, params: dict | None) -> Any:
         if args.http:
-            result = call_http(args.http, args.method, params, args.user, args.timeout)
-        else:
-            result = call_unix(args.socket, args.method, params, args.timeout)
+            return call_http(args.http, method, params, args.user, args.timeout)
+        return call_unix(args.socket, method, params, args.timeout)
+
+    try:
+        if args.method in ATTACH_FORMS:
+            if not args.params:
+                raise ValueError("%s needs a controller name" % args.method)
+            options = parse_params(args.params[1:]) or {}
+            (info,) = call("vhost_get_controllers", {"name": args.params[0]})
+            print(ATTACH_FORMS[args.method](info, **options), end="")
+            return 0
+        params = parse_params(args.params)
+        result = call(args.method, params)
     except RpcCallError as exc:
         print("error %d: %s" % (exc.code, exc.message), file=sys.stderr)
         return 1
-    except (OSError, ValueError, urllib.error.URLError) as exc:
+    except (OSError, ValueError, TypeError, urllib.error.URLError) as exc:
         print("vhostd-rpc: %s" % exc, file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
