@@ -133,9 +133,7 @@ def controller_rows(prev: Snapshot | None, cur: Snapshot) -> list[Row]:
     for c in cur.queues["controllers"]:
         mine = [d for (ctrlr, _), d in deltas.items() if ctrlr == c["ctrlr"]]
         total: dict[str, Any] = {name: sum(d[name] for d in mine) for name in QUEUE_COUNTERS}
-        width = max((len(d["latency_histogram"]) for d in mine), default=0)
-        total["latency_histogram"] = [sum(d["latency_histogram"][b] for d in mine
-                                          if b < len(d["latency_histogram"])) for b in range(width)]
+        total["latency_histogram"] = [sum(bucket) for bucket in zip(*(d["latency_histogram"] for d in mine))]
         rows.append({"ctrlr": c["ctrlr"], "queues": len(mine), **_rates(total, seconds, rate)})
     return rows
 
@@ -168,12 +166,11 @@ def bdev_rows(prev: Snapshot | None, cur: Snapshot) -> list[Row]:
                        "read_latency_ticks", "write_latency_ticks")}
         ops = d["num_read_ops"] + d["num_write_ops"]
         ticks = d["read_latency_ticks"] + d["write_latency_ticks"]
-        errors = b.get("io_error") or {}
         rows.append({"bdev": b["name"], "read_iops": d["num_read_ops"] / seconds,
                      "write_iops": d["num_write_ops"] / seconds,
                      "read_mbs": d["bytes_read"] / seconds / 1e6, "write_mbs": d["bytes_written"] / seconds / 1e6,
                      "lat_us": ticks / ops / rate * 1e6 if ops else None,
-                     "errors": sum(errors.values()) if isinstance(errors, dict) else int(errors)})
+                     "errors": sum(b["io_error"].values())})
     return rows
 
 

@@ -65,15 +65,18 @@ def start_writers(guest):
     guest.check("rm -f /tmp/rc*; " + jobs + "true")
 
 
+def writer_codes(guest) -> list[int]:
+    return [int(c) for c in guest.check("cat /tmp/rc* 2>/dev/null; true").split()]
+
+
 def wait_writers(guest, timeout_s=240):
     """The writers' exit statuses once all have finished (``timeout_s`` nominal)."""
-    deadline = time.monotonic() + guest.scaled(timeout_s)
-    while time.monotonic() < deadline:
-        codes = guest.check("cat /tmp/rc* 2>/dev/null; true").split()
-        if len(codes) == WRITERS:
-            return [int(c) for c in codes]
-        time.sleep(0.5)
-    raise guest.failure("the guest's writers did not finish: " + guest.check("cat /tmp/w*.log; dmesg | tail"))
+    try:
+        wait_for(lambda: len(writer_codes(guest)) == WRITERS, timeout=guest.scaled(timeout_s), interval=0.5)
+    except TimeoutError:
+        raise guest.failure("the guest's writers did not finish: "
+                            + guest.check("cat /tmp/w*.log; dmesg | tail")) from None
+    return writer_codes(guest)
 
 
 def bytes_written(d):

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from tests.helpers.frontend_load import free_port
+from tests.helpers.waiting import wait_for
 
 
 class Prometheus:
@@ -66,14 +67,19 @@ class Prometheus:
         return data["result"]
 
     def wait_for(self, expr: str, what: str, timeout_s: float = 60.0) -> list[dict]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            result = self.query(expr)
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError("%s: %s gave no series within %.0f s\n%s" % (what, expr, timeout_s, self.log()))
-            time.sleep(0.5)
+        """The query's vector once it has series."""
+        result: list[dict] = []
+
+        def has_series() -> bool:
+            result[:] = self.query(expr)
+            return bool(result)
+
+        try:
+            wait_for(has_series, timeout=timeout_s, interval=0.5)
+        except TimeoutError:
+            raise AssertionError("%s: %s gave no series within %.0f s\n%s"
+                                 % (what, expr, timeout_s, self.log())) from None
+        return result
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

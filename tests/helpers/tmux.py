@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import shlex
 import subprocess
-import time
 from pathlib import Path
 from typing import Callable
+
+from tests.helpers.waiting import wait_for
 
 
 class TmuxScreen:
@@ -40,14 +41,17 @@ class TmuxScreen:
 
     def wait_for(self, holds: Callable[[str], bool], what: str, timeout_s: float = 30.0) -> str:
         """The screen once ``holds(screen)``; AssertionError with the last screen if it never does."""
-        deadline = time.monotonic() + timeout_s
-        screen = ""
-        while time.monotonic() < deadline:
-            screen = self.text()
-            if holds(screen):
-                return screen
-            time.sleep(0.2)
-        raise AssertionError("%s: not on the screen within %.0f s:\n%s" % (what, timeout_s, screen))
+        screen = [""]
+
+        def shown() -> bool:
+            screen[0] = self.text()
+            return holds(screen[0])
+
+        try:
+            wait_for(shown, timeout=timeout_s, interval=0.2)
+        except TimeoutError:
+            raise AssertionError("%s: not on the screen within %.0f s:\n%s" % (what, timeout_s, screen[0])) from None
+        return screen[0]
 
     def close(self) -> None:
         self._tmux("kill-server", check=False)
