@@ -11,6 +11,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from .latency_histogram import bucket_upper_bound_s
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -99,7 +101,7 @@ class _DataPlaneCollector:
                 buckets, total = [], 0
                 for b, count in enumerate(q["latency_histogram"]):
                     total += count
-                    buckets.append(("%.9g" % ((2 ** (b + 1)) / rate), total))
+                    buckets.append(("%.9g" % bucket_upper_bound_s(b, rate), total))
                 buckets.append(("+Inf", total))
                 latency.add_metric(key, buckets, q["latency_ticks"] / rate)
         yield from (connected, requests, ops, nbytes, errors, bad, notify, suppressed, coalesced, kicks, latency)

@@ -25,6 +25,7 @@ import urllib.error
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .latency_histogram import quantile_s
 from .rpc.client import RpcCallError, call_http, call_unix
 
 Call = Callable[[str], Any]
@@ -54,21 +55,6 @@ def counter_delta(now: int, before: int | None) -> int:
     if before is None or now < before:
         return now
     return now - before
-
-
-def histogram_quantile(buckets: list[int], quantile: float, tick_rate: int) -> float | None:
-    """Seconds below which ``quantile`` of the counts in log2 buckets fall (bucket b: below
-    2^(b+1) ticks; the upper bound of the bucket that crosses the quantile)."""
-    total = sum(buckets)
-    if total == 0:
-        return None
-    wanted = quantile * total
-    seen = 0
-    for b, count in enumerate(buckets):
-        seen += count
-        if seen >= wanted:
-            return (2 ** (b + 1)) / tick_rate
-    return (2 ** len(buckets)) / tick_rate
 
 
 def _queue_key(ctrlr: str, q: dict) -> tuple[str, int]:
@@ -105,7 +91,7 @@ def _rates(d: dict, seconds: float, tick_rate: int) -> Row:
         "read_mbs": d["bytes_read"] / seconds / 1e6,
         "write_mbs": d["bytes_written"] / seconds / 1e6,
         "lat_us": (d["latency_ticks"] / requests / tick_rate * 1e6) if requests else None,
-        "p99_us": _us(histogram_quantile(d["latency_histogram"], 0.99, tick_rate)),
+        "p99_us": _us(quantile_s(d["latency_histogram"], 0.99, tick_rate)),
         "errors": d["errors"] + d["bad_chains"],
     }
 

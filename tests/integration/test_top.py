@@ -12,7 +12,8 @@ import pytest
 
 from tests.helpers.frontend_load import free_port
 from tests.helpers.tmux import TmuxScreen
-from vhostd.top import Snapshot, ViewState, controller_rows, histogram_quantile, queue_rows, render
+from vhostd.latency_histogram import quantile_s
+from vhostd.top import Snapshot, ViewState, controller_rows, queue_rows, render
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None and not os.environ.get("CI"),
                                 reason="tmux is not installed")
@@ -125,9 +126,9 @@ def test_rates_are_deltas_over_the_interval_and_a_restarted_queue_counts_from_ze
 
 
 def test_histogram_quantile_is_the_upper_bound_of_the_crossing_bucket():
-    assert histogram_quantile([0, 0, 0], 0.99, 1) is None
-    assert histogram_quantile([90, 9, 1], 0.5, 1) == 2
-    assert histogram_quantile([90, 9, 1], 0.99, 1) == 4
+    assert quantile_s([0, 0, 0], 0.99, 1) is None
+    assert quantile_s([90, 9, 1], 0.5, 1) == 2
+    assert quantile_s([90, 9, 1], 0.99, 1) == 4
 
 
 def test_render_marks_the_sort_column_and_puts_rows_without_latency_last():
