@@ -86,3 +86,57 @@ def test_a_target_whose_setup_fails_does_not_outlive_the_failure(tmp_path):
         with target:
             pass
     assert target.proc is None                       # the daemon it started was stopped
+
+
+def test_rounds_alternate_the_order_and_summarize_ratios_to_the_first_target():
+    report = run_bench("--targets", "vhostd-inproc-null,qsd-null", "--rounds", "3", "--time", "0.3",
+                       "--ramp", "0", "--size", "64M", "--qd", "4")
+    assert report["failures"] == []
+    order = [(r["round"], r["target"]) for r in report["results"]]
+    assert order == [(1, "vhostd-inproc-null"), (1, "qsd-null"), (2, "qsd-null"),
+                     (2, "vhostd-inproc-null"), (3, "vhostd-inproc-null"), (3, "qsd-null")]
+    base, other = report["summary"]
+    assert base["target"] == "vhostd-inproc-null" and base["rounds"] == 3
+    assert base["iops_ratio"] == {"median": 1.0, "low": 1.0, "high": 1.0}
+    per_round = {}
+    for r in report["results"]:
+        per_round.setdefault(r["round"], {})[r["target"]] = r["iops"]
+    ratios = sorted(rs["qsd-null"] / rs["vhostd-inproc-null"] for rs in per_round.values())
+    assert other["iops_ratio"] == pytest.approx({"median": ratios[1], "low": ratios[0], "high": ratios[2]})
+    assert other["iops"]["low"] <= other["iops"]["median"] <= other["iops"]["high"]
+
+
+def test_summary_spreads_and_the_cpu_floor():
+    def result(target, rnd, iops, lat, cpu):
+        return bench.Result(target, "blk", iops, 1.0, lat, 1, 1, 1, 1, 50.0, cpu, 10, 0, 1.0, 0.1, rnd)
+    rows = [result("a", 1, 100, 2.0, 99.0), result("b", 1, 150, 1.0, 100.0),
+            result("a", 2, 200, 1.0, 98.0), result("b", 2, 200, 1.0, 90.0)]
+    a, b = bench.summarize_rounds(rows, ["a", "b"])
+    assert (a.iops.median, a.iops.low, a.iops.high) == (150, 100, 200)
+    assert (b.iops_ratio.median, b.iops_ratio.low, b.iops_ratio.high) == (1.25, 1.0, 1.5)
+    assert (b.lat_ratio.low, b.lat_ratio.high) == (0.5, 1.0)
+    assert a.rounds_below_cpu_floor == [] and b.rounds_below_cpu_floor == [2]
+    text = bench.format_summary([a, b])
+    assert "IOPS / a" in text and "1.25 (1.00–1.50)" in text
+    assert bench.rotated(["x", "y", "z"], 1) == ["y", "z", "x"] and bench.rotated(["x"], 5) == ["x"]
+
+
+def test_spdk_targets_say_what_they_need_when_spdk_is_not_there(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("VHOSTD_BENCH_SPDK", raising=False)
+    assert bench.main(["--targets", "spdk-null", "--time", "0.1", "--json"]) == 1
+    (failure,) = json.loads(capsys.readouterr().out)["failures"]
+    assert "--spdk" in failure and "VHOSTD_BENCH_SPDK" in failure
+    assert bench.main(["--targets", "spdk-scsi-malloc", "--spdk", str(tmp_path), "--time", "0.1", "--json"]) == 1
+    (failure,) = json.loads(capsys.readouterr().out)["failures"]
+    assert "no SPDK vhost binary at %s" % tmp_path in failure
+
+
+def test_spdk_target_is_set_up_like_vhostd_on_its_cores(tmp_path):
+    from vhostd.initiator.targets import make_target
+    target = make_target("spdk-scsi-malloc", cpus=[1], size_bytes=64 << 20, workdir=str(tmp_path))
+    assert (target.label, target.kind, target.memory_mib) == ("spdk-scsi-malloc", "scsi", 256 + 64)
+    command = target.command_line(tmp_path / "vhost")
+    assert command[:3] == ["taskset", "-c", "1"]
+    assert command[command.index("-m") + 1] == "0x2" and command[command.index("-s") + 1] == "320"
+    assert command[command.index("-S") + 1] == str(tmp_path) and "-u" in command
+    assert make_target("spdk-null").memory_mib == 256

@@ -10,6 +10,12 @@ Examples::
 
     vhostd-bench --socket /var/tmp/vhost.0 --rw randread --bs 4096 --qd 32 --time 10
     vhostd-bench --targets qsd-null,qsd-file --target-cpus 0 --client-cpus 1 --qd 32 --time 10
+    vhostd-bench --targets spdk-null,vhostd-null --spdk /opt/spdk --rounds 7 --target-cpus 1 --client-cpus 0
+
+With ``--rounds N`` the targets run N times, each round in a rotated order (so no target always goes
+first), and a summary follows the table: per target the median and spread of IOPS, mean latency and
+target CPU, and per round the ratio of each target's IOPS (and mean latency) to the first target's —
+on a machine whose speed swings between runs, only ratios taken in the same round say anything.
 """
 
 from __future__ import annotations
@@ -75,6 +81,85 @@ class Result:
     errors: int
     elapsed_s: float
     kicks_per_op: float
+    round: int = 1
+
+
+# A polling target under load should use all of its core; less means it waited on something (or the
+# client could not keep it busy), and its round says little about its speed.
+BUSY_CPU_FLOOR_PCT = 97.0
+
+
+@dataclass
+class Spread:
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread | None:
+        if not values:
+            return None
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+        return cls(median, ordered[0], ordered[-1])
+
+
+@dataclass
+class TargetSummary:
+    target: str
+    rounds: int
+    iops: Spread
+    lat_mean_us: Spread
+    target_cpu_pct: Spread | None
+    iops_ratio: Spread | None          # to the baseline target, round by round
+    lat_ratio: Spread | None
+    rounds_below_cpu_floor: list[int]
+
+
+def rotated(items: list, round_index: int) -> list:
+    """The order of round ``round_index`` (0-based): the list rotated left by that many places."""
+    k = round_index % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def summarize_rounds(results: list[Result], order: list[str]) -> list[TargetSummary]:
+    """Medians and spreads per target over rounds; ratios to order[0] from rounds that have both."""
+    by_round: dict[int, dict[str, Result]] = {}
+    for r in results:
+        by_round.setdefault(r.round, {})[r.target] = r
+    baseline = order[0] if order else None
+    summaries = []
+    for name in order:
+        mine = [r for r in results if r.target == name]
+        if not mine:
+            continue
+        pairs = [(rs[name], rs[baseline]) for rs in by_round.values() if name in rs and baseline in rs]
+        cpu = [r.target_cpu_pct for r in mine if r.target_cpu_pct is not None]
+        summaries.append(TargetSummary(
+            target=name, rounds=len(mine),
+            iops=Spread.of([r.iops for r in mine]), lat_mean_us=Spread.of([r.lat_mean_us for r in mine]),
+            target_cpu_pct=Spread.of(cpu),
+            iops_ratio=Spread.of([a.iops / b.iops for a, b in pairs if b.iops]),
+            lat_ratio=Spread.of([a.lat_mean_us / b.lat_mean_us for a, b in pairs if b.lat_mean_us]),
+            rounds_below_cpu_floor=[r.round for r in mine
+                                    if r.target_cpu_pct is not None and r.target_cpu_pct < BUSY_CPU_FLOOR_PCT]))
+    return summaries
+
+
+def format_summary(summaries: list[TargetSummary]) -> str:
+    def spread(s: Spread | None, fmt: str) -> str:
+        return "-" if s is None else ("%s (%s–%s)" % (fmt % s.median, fmt % s.low, fmt % s.high))
+
+    baseline = summaries[0].target if summaries else "-"
+    head = ("target", "rounds", "IOPS median (range)", "mean us median (range)", "target CPU",
+            "IOPS / %s" % baseline, "mean us / %s" % baseline, "rounds < %.0f%% CPU" % BUSY_CPU_FLOOR_PCT)
+    rows = [head]
+    for t in summaries:
+        rows.append((t.target, str(t.rounds), spread(t.iops, "%.0f"), spread(t.lat_mean_us, "%.2f"),
+                     spread(t.target_cpu_pct, "%.0f%%"), spread(t.iops_ratio, "%.2f"),
+                     spread(t.lat_ratio, "%.2f"), ",".join(map(str, t.rounds_below_cpu_floor)) or "none"))
+    return _markdown_table(rows)
 
 
 def percentile(histogram: dict[int, int], fraction: float) -> int:
@@ -230,18 +315,26 @@ def _summarize(label, kind, workload, results, kicks, client_cpu_s, wall_s, targ
 
 
 def format_table(results: list[Result]) -> str:
-    head = ("target", "IOPS", "MB/s", "mean us", "p50 us", "p99 us", "p99.9 us", "max us",
-            "client CPU", "target CPU", "errors")
+    rounds = len({r.round for r in results}) > 1
+    head = (("round",) if rounds else ()) + ("target", "IOPS", "MB/s", "mean us", "p50 us", "p99 us",
+                                              "p99.9 us", "max us", "client CPU", "target CPU", "errors")
     rows = [head]
     for r in results:
-        rows.append((r.target, "%.0f" % r.iops, "%.1f" % r.mb_per_s, "%.2f" % r.lat_mean_us,
+        rows.append(((str(r.round),) if rounds else ()) + (r.target, "%.0f" % r.iops, "%.1f" % r.mb_per_s, "%.2f" % r.lat_mean_us,
                      "%.2f" % r.lat_p50_us, "%.2f" % r.lat_p99_us, "%.2f" % r.lat_p999_us,
                      "%.1f" % r.lat_max_us, "%.0f%%" % r.client_cpu_pct,
                      "-" if r.target_cpu_pct is None else "%.0f%%" % r.target_cpu_pct, str(r.errors)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["| " + " | ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+    return _markdown_table(rows, text_columns=2 if rounds else 1)
+
+
+def _markdown_table(rows: list[tuple[str, ...]], text_columns: int = 1) -> str:
+    """Rows (the first is the head) as a Markdown table; columns after the first ``text_columns``
+    are right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(cell.ljust(widths[i]) if i < text_columns else cell.rjust(widths[i])
                                for i, cell in enumerate(row)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|")
+    lines.insert(1, "|" + "|".join("-" * (w + 1) + (":" if i >= text_columns else "-")
+                                   for i, w in enumerate(widths)) + "|")
     return "\n".join(lines)
 
 
@@ -288,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--client-cpus", help="pin client threads to these cores (e.g. 1 or 1,2)")
     ap.add_argument("--threads", type=int, default=1, help="client threads (queues dealt round-robin)")
     ap.add_argument("--target-cpus", default="0", help="cores of targets started with --targets")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the --targets list this many times, in a rotated order each round, "
+                         "and summarize medians and per-round ratios to the first target")
+    ap.add_argument("--spdk", help="SPDK's vhost binary or build tree, for the spdk-* targets "
+                                   "(default: $VHOSTD_BENCH_SPDK)")
     ap.add_argument("--size", type=parse_size, default=1 << 30, help="disk size of started targets")
     ap.add_argument("--image", help="file of file targets (default: a new sparse file of --size)")
     ap.add_argument("--file-cache", choices=("direct", "page"), default="direct",
@@ -306,7 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     workload = Workload(rw=args.rw, rwmixread=args.rwmixread, block_bytes=args.bs, qd=args.qd,
                         queues=args.queues, queue_size=args.queue_size, duration_s=args.time,
                         ramp_s=args.ramp, interrupts=args.mode == "irq",
@@ -327,26 +428,39 @@ def main(argv: list[str] | None = None) -> int:
             failures.append("%s: %s" % (args.socket, exc))
             print("vhostd-bench: %s failed: %s" % (args.socket, exc), file=sys.stderr)
     else:
-        for spec in args.targets.split(","):
-            target = make_target(spec.strip(), cpus=parse_cpus(args.target_cpus),
-                                 size_bytes=args.size, num_queues=args.queues, image=args.image,
-                                 direct=args.file_cache == "direct")
-            try:
-                with target:
-                    results.append(run_workload(target.socket_path, target.kind, workload,
-                                                target.label, target.cpu_seconds, progress))
-            except TARGET_FAILURES as exc:
-                failures.append("%s: %s" % (spec, exc))
-                print("vhostd-bench: %s failed: %s" % (spec, exc), file=sys.stderr)
+        specs = [spec.strip() for spec in args.targets.split(",")]
+        labels: dict[str, str] = {}             # spec -> the label its results carry
+        for round_index in range(args.rounds):
+            for spec in rotated(specs, round_index):
+                target = make_target(spec, cpus=parse_cpus(args.target_cpus),
+                                     size_bytes=args.size, num_queues=args.queues, image=args.image,
+                                     direct=args.file_cache == "direct", spdk=args.spdk)
+                labels[spec] = target.label
+                try:
+                    with target:
+                        result = run_workload(target.socket_path, target.kind, workload,
+                                              target.label, target.cpu_seconds, progress)
+                except TARGET_FAILURES as exc:
+                    failures.append("%s (round %d): %s" % (spec, round_index + 1, exc))
+                    print("vhostd-bench: %s failed: %s" % (spec, exc), file=sys.stderr)
+                    continue
+                result.round = round_index + 1
+                results.append(result)
+    summaries = summarize_rounds(results, [labels[spec] for spec in specs if spec in labels]) \
+        if args.rounds > 1 and not args.socket else []
     if args.json:
         print(json.dumps({"workload": asdict(workload), "results": [asdict(r) for r in results],
-                          "failures": failures}, indent=2))
+                          "summary": [asdict(t) for t in summaries], "failures": failures}, indent=2))
     else:
         w = workload
         print("%s bs=%d qd=%d queues=%d mode=%s time=%.0fs client-cpus=%s" % (
             w.rw if w.rw != "randrw" else "randrw(%d%% read)" % w.rwmixread, w.block_bytes, w.qd,
             w.queues, args.mode, w.duration_s, args.client_cpus or "any"))
         print(format_table(results))
+        if summaries:
+            print()
+            print("%d rounds, ratios to %s taken round by round:" % (args.rounds, summaries[0].target))
+            print(format_summary(summaries))
     return 1 if failures or not results else 0
 
 

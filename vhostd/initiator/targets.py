@@ -1,5 +1,6 @@
 """vhost-user targets the benchmark and the tests start themselves: qemu-storage-daemon exports
-(null-co, file) and vhostd (any bdev, blk or scsi controller created through its JSON-RPC).
+(null-co, file), vhostd (any bdev, blk or scsi controller created through its JSON-RPC), and SPDK's
+own vhost application when a build of it is on the machine (the speed anchor; never needed by tests).
 
 Each target is a context manager with ``start()``, ``stop()``, ``socket_path``, ``pid`` (for its
 CPU use), ``kind`` ("blk" or "scsi") and ``label``.  ``cpus`` pins the target (taskset for QSD,
@@ -105,10 +106,10 @@ class _Process(_Target):
         """CPU time the target has used so far."""
         return proc_cpu_seconds(self.pid) if self.pid is not None else None
 
-    def _spawn(self, command: list[str]) -> None:
+    def _spawn(self, command: list[str], env: dict[str, str] | None = None) -> None:
         self.command = command
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
 
     def _wait_until(self, ready, timeout_s: float, what: str) -> None:
@@ -304,6 +305,109 @@ class VhostdTarget(_Process):
                                            "block_size": self.block_size})
 
 
+SPDK_ENV = "VHOSTD_BENCH_SPDK"
+HUGEPAGE_BYTES = 2 << 20
+
+
+def find_spdk_vhost(where: str | None = None) -> Path:
+    """SPDK's vhost binary: ``where`` (or $VHOSTD_BENCH_SPDK) is the binary itself, an SPDK source
+    tree (``build/bin/vhost``), or the directory ``anchors/spdk/build.sh`` built into (``src/...``)."""
+    where = where or os.environ.get(SPDK_ENV)
+    if not where:
+        raise TargetError("SPDK targets need a build of SPDK's vhost app: pass --spdk PATH or set "
+                          "%s (see ../shared/anchors/spdk/README.md for the build)" % SPDK_ENV)
+    base = Path(where)
+    for candidate in (base, base / "build" / "bin" / "vhost", base / "src" / "build" / "bin" / "vhost"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise TargetError("no SPDK vhost binary at %s (nor build/bin/vhost or src/build/bin/vhost under it)" % base)
+
+
+def free_hugepage_bytes(meminfo: str = "/proc/meminfo") -> int:
+    """Free 2 MiB hugepages, in bytes."""
+    with open(meminfo) as f:
+        for line in f:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1]) * HUGEPAGE_BYTES
+    return 0
+
+
+class SpdkTarget(_Process):
+    """SPDK's vhost application with a null or malloc bdev behind one blk or scsi controller, set up
+    through its JSON-RPC exactly as VhostdTarget sets up vhostd, so that one run can hold both.
+
+    SPDK takes its memory from 2 MiB hugepages (hugetlbfs on /dev/hugepages); this checks there are
+    enough free and says how to add them rather than changing the machine.  Its reactors busy-poll:
+    the target uses its whole core even when idle.
+    """
+
+    BASE_MEMORY_MIB = 256           # SPDK's own pools besides a malloc bdev's buffer
+
+    def __init__(self, bdev: str = "null", *, kind: str = "blk", size_bytes: int = 1 << 30,
+                 block_size: int = 512, cpus=(0,), workdir: str | None = None,
+                 spdk: str | None = None) -> None:
+        if bdev not in ("null", "malloc") or kind not in ("blk", "scsi"):
+            raise ValueError("SPDK targets serve a null or malloc bdev through blk or scsi")
+        self.label = "spdk-%s%s" % ("scsi-" if kind == "scsi" else "", bdev)
+        super().__init__(workdir)
+        self.spdk = spdk
+        self.bdev = bdev
+        self.kind = kind
+        self.size_bytes = size_bytes
+        self.block_size = block_size
+        self.cpus = sorted(set(cpus))
+        self.rpc_path = str(self.workdir / "spdk.sock")
+        self.ctrlr = "spdk.0"
+        self.socket_path = str(self.workdir / self.ctrlr)
+
+    @property
+    def memory_mib(self) -> int:
+        buffer_mib = self.size_bytes >> 20 if self.bdev == "malloc" else 0
+        return self.BASE_MEMORY_MIB + buffer_mib
+
+    def command_line(self, binary: Path) -> list[str]:
+        mask = hex(sum(1 << c for c in self.cpus))
+        # -u: no PCI devices (nothing here is an NVMe drive); -s: MiB of hugepage memory to take.
+        return ["taskset", "-c", _cpu_list(self.cpus), str(binary), "-S", str(self.workdir), "-m", mask,
+                "-u", "-s", str(self.memory_mib), "-r", self.rpc_path]
+
+    def rpc(self, method: str, params: dict | None = None):
+        return spdk_rpc(self.rpc_path, method, params)
+
+    def _answers_rpc(self) -> bool:
+        try:
+            spdk_rpc(self.rpc_path, "spdk_get_version", timeout_s=1.0)
+        except (OSError, TargetError):
+            return False
+        return True
+
+    def start(self, timeout_s: float = 60.0) -> SpdkTarget:
+        binary = find_spdk_vhost(self.spdk)
+        needed = self.memory_mib << 20
+        if free_hugepage_bytes() < needed:
+            raise TargetError("SPDK needs %d MiB of free 2 MiB hugepages, the machine has %d MiB: "
+                              "echo %d > /proc/sys/vm/nr_hugepages (and hugetlbfs on /dev/hugepages)"
+                              % (needed >> 20, free_hugepage_bytes() >> 20, needed // HUGEPAGE_BYTES + 64))
+        env = dict(os.environ)
+        lib = binary.parent.parent / "lib"         # a shared-library build keeps its .so files here
+        if lib.is_dir():
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(lib), env.get("LD_LIBRARY_PATH")]))
+        self._spawn(self.command_line(binary), env=env)
+        self._wait_until(self._answers_rpc, timeout_s, "waiting for its RPC server")
+        blocks = self.size_bytes // self.block_size
+        create = "bdev_null_create" if self.bdev == "null" else "bdev_malloc_create"
+        self.rpc(create, {"name": "disk0", "num_blocks": blocks, "block_size": self.block_size})
+        mask = hex(sum(1 << c for c in self.cpus))
+        if self.kind == "blk":
+            self.rpc("vhost_create_blk_controller", {"ctrlr": self.ctrlr, "dev_name": "disk0", "cpumask": mask})
+        else:
+            self.rpc("vhost_create_scsi_controller", {"ctrlr": self.ctrlr, "cpumask": mask})
+            self.rpc("vhost_scsi_controller_add_target",
+                     {"ctrlr": self.ctrlr, "scsi_target_num": 0, "bdev_name": "disk0"})
+        self._wait_until(lambda: os.path.exists(self.socket_path), timeout_s, "waiting for the controller socket")
+        return self
+
+
 @dataclass
 class _Bdev:
     """What a blk or scsi controller needs of a bdev."""
@@ -391,12 +495,17 @@ class InProcessVhostdTarget(_Target):
 
 
 def make_target(spec: str, *, cpus=None, size_bytes: int = 1 << 30, num_queues: int = 1,
-                image: str | None = None, direct: bool = True, workdir: str | None = None):
+                image: str | None = None, direct: bool = True, workdir: str | None = None,
+                spdk: str | None = None):
     """A target from a short name: qsd-null, qsd-file, vhostd-null, vhostd-malloc, vhostd-file,
     vhostd-scsi-null, vhostd-scsi-malloc, vhostd-scsi-file, vhostd-inproc-null,
-    vhostd-inproc-malloc, vhostd-inproc-scsi-null, vhostd-inproc-scsi-malloc.  image: the file of file targets
-    (default: a new sparse file of size_bytes); direct: QSD's cache.direct."""
+    vhostd-inproc-malloc, vhostd-inproc-scsi-null, vhostd-inproc-scsi-malloc, spdk-null, spdk-malloc,
+    spdk-scsi-null, spdk-scsi-malloc.  image: the file of file targets (default: a new sparse file of
+    size_bytes); direct: QSD's cache.direct; spdk: where SPDK's vhost binary is (find_spdk_vhost)."""
     parts = spec.split("-")
+    if parts[0] == "spdk" and len(parts) in (2, 3) and (len(parts) == 2 or parts[1] == "scsi"):
+        return SpdkTarget(parts[-1], kind="scsi" if len(parts) == 3 else "blk", cpus=cpus or (0,),
+                          size_bytes=size_bytes, workdir=workdir, spdk=spdk)
     if parts[0] == "qsd" and len(parts) == 2:
         return QsdTarget(parts[1], cpus=cpus, size_bytes=size_bytes, num_queues=num_queues,
                          image=image, direct=direct, workdir=workdir)
@@ -407,4 +516,4 @@ def make_target(spec: str, *, cpus=None, size_bytes: int = 1 << 30, num_queues: 
         kind = parts[1] if len(parts) == 3 else "blk"
         return VhostdTarget(parts[-1], kind=kind, cpus=cpus or (0,), size_bytes=size_bytes,
                             image=image, workdir=workdir)
-    raise ValueError("unknown target %r (qsd-null, qsd-file, vhostd-null, vhostd-scsi-malloc …)" % spec)
+    raise ValueError("unknown target %r (qsd-null, qsd-file, vhostd-null, vhostd-scsi-malloc, spdk-null …)" % spec)
