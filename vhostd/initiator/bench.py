@@ -209,7 +209,10 @@ class Device:
     def _memory_bytes(w: Workload) -> int:
         slots = w.queue_size * 4096 * (w.queues + 2)
         data = w.queues * w.qd * ((w.block_bytes + 4095) // 4096 * 4096)
-        return slots + data + (16 << 20)
+        # Each region a multiple of 2 MiB, as a QEMU guest's RAM is: SPDK's vhost registers guest
+        # memory with its 2 MiB-page translation and refuses regions of any other size.
+        unit = (2 << 20) * w.memory_regions
+        return (slots + data + (16 << 20) + unit - 1) // unit * unit
 
     def close(self) -> None:
         self.dev.close()
@@ -446,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 result.round = round_index + 1
                 results.append(result)
-    summaries = summarize_rounds(results, [labels[spec] for spec in specs if spec in labels]) \
-        if args.rounds > 1 and not args.socket else []
+        measured = {r.target for r in results}
+        order = [labels[spec] for spec in specs if labels.get(spec) in measured]
+    summaries = summarize_rounds(results, order) if args.rounds > 1 and not args.socket else []
     if args.json:
         print(json.dumps({"workload": asdict(workload), "results": [asdict(r) for r in results],
                           "summary": [asdict(t) for t in summaries], "failures": failures}, indent=2))
