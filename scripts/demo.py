@@ -336,12 +336,12 @@ class Demo:
                                                                           self.expected_disks()))
         seconds = after.at - before.at
         say("\nWhat the guest saw (vhd-demo in the guest: sysfs, then vhd-pattern with O_DIRECT)")
-        rows = [("disk", "attached to", "bdev", "size", "model", "data (4 MiB at offset 0)")]
+        rows = [("disk", "attached to", "bdev", "size", "model", "wrote, read back (4 MiB)")]
         jobs = [("disk", "guest IOPS", "host IOPS (bdev_get_iostat)")]
         for disk in self.report.disks.values():
             where, bdev = self.disk_bdev(disk)
-            read_back = "zeros read back (a null disk)" if disk.expect == "zero" else "read back"
-            rows.append((disk.name, where, bdev, mib(disk.size_bytes), disk.model, "pattern %s written, %s: %s" % (
+            read_back = "zeros (null disk)" if disk.expect == "zero" else "pattern %s" % disk.expect
+            rows.append((disk.name, where, bdev, mib(disk.size_bytes), disk.model, "pattern %s, %s: %s" % (
                 disk.wrote, read_back, "verified" if disk.verified else "FAILED " + disk.check)))
             host_iops = (after.bdev_ops[bdev] - before.bdev_ops[bdev]) / seconds
             jobs.append((disk.name, str(disk.iops) if disk.iops is not None else "FAILED " + disk.job_error,
