@@ -1,5 +1,8 @@
-# vhostd — the two commands: `make run` and `make test`. Both do every set-up step on a fresh
-# Debian 12 machine (as root, or with sudo): system packages, a virtualenv, the extension build.
+# vhostd — the commands: `make run`, `make test` and `make demo`. Each does every set-up step on a
+# fresh Debian 12 machine (as root, or with sudo): system packages, a virtualenv, the extension build.
+#   make run    vhostd with the demo config, until Ctrl-C
+#   make test   the whole test suite
+#   make demo   vhostd with the demo config serving a QEMU guest's I/O job, a summary, then stop
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -7,7 +10,7 @@ SOCKET_DIR ?= /var/tmp
 RPC_SOCKET ?= /var/tmp/spdk.sock
 PYTEST_ARGS ?=
 
-.PHONY: run test deps sysdeps venv build guest clean
+.PHONY: run test demo deps sysdeps venv build guest clean
 
 run: deps
 	@echo "vhostd: demo config scripts/demo-config.json: blk controller vhost.0 (Malloc0, 64 MiB),"
@@ -23,6 +26,10 @@ run: deps
 
 test: deps guest
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Boots the test guest on the demo config's blk and scsi controllers; tests/e2e/test_demo.py runs it.
+demo: deps guest
+	$(BIN)/python scripts/demo.py --guest build/guest --config scripts/demo-config.json
 
 deps: sysdeps venv build
 

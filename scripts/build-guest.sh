@@ -149,6 +149,13 @@ done
 echo 1 > /proc/sys/kernel/printk
 stty -echo -onlcr
 
+# `make demo` (scripts/demo.py) boots with vhd.demo=1: run its job instead of serving commands.
+if grep -qw vhd.demo=1 /proc/cmdline; then
+    vhd-demo
+    sync
+    poweroff -f
+fi
+
 echo "VHD-GUEST-READY"
 while :; do
     IFS= read -r header || { sleep 1; continue; }
@@ -178,6 +185,79 @@ while :; do
 done
 EOF
 chmod 755 "$root/init"
+
+# The guest's side of `make demo` (scripts/demo.py parses these lines; keep the two in step):
+#   vhd-demo: disk NAME size_bytes=N hctl=H:C:T:L|- serial=S|- model=MODEL...
+#   vhd-demo: verify NAME wrote=SEED expect=SEED|zero result=ok N|<what differed>
+#   vhd-demo: job-ready          then it waits for a line from the host before the timed job
+#   vhd-demo: job NAME ops=N bytes=B ms=T iops=I      (or: job NAME failed: ...)
+#   vhd-demo: done failures=N
+# Kernel command line: vhd.demo_disks=N (wait for N disks), vhd.demo_job_ms=MS (the job's length).
+cat > "$root/bin/vhd-demo" <<'EOF'
+#!/bin/sh
+# The `make demo` job: the disks the guest sees, a pattern written and read back with O_DIRECT on
+# each, then a timed random-read job (4 KiB, O_DIRECT, one at a time) on all of them at once.
+disks=1
+job_ms=2000
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        vhd.demo_disks=*) disks=${word#*=} ;;
+        vhd.demo_job_ms=*) job_ms=${word#*=} ;;
+    esac
+done
+say() { echo "vhd-demo: $*"; }
+names() { for dev in /sys/block/vd* /sys/block/sd*; do [ -e "$dev" ] && echo "${dev##*/}"; done; }
+size_bytes() { echo $(($(cat "/sys/block/$1/size") * 512)); }
+
+# SCSI targets are scanned asynchronously after virtio_scsi loads: wait for them (30 s at most).
+tries=300
+while [ "$(names | wc -l)" -lt "$disks" ] && [ "$tries" -gt 0 ]; do
+    sleep 0.1
+    tries=$((tries - 1))
+done
+
+failures=0
+seed=1
+for name in $(names); do
+    dev=/sys/block/$name
+    hctl=-
+    serial=-
+    if [ -r "$dev/device/model" ]; then
+        hctl=$(basename "$(readlink -f "$dev/device")")
+        model=$(echo $(cat "$dev/device/vendor") $(cat "$dev/device/model"))
+    else
+        model=virtio-blk
+        [ -s "$dev/serial" ] && serial=$(cat "$dev/serial")
+    fi
+    say "disk $name size_bytes=$(size_bytes "$name") hctl=$hctl serial=$serial model=$model"
+    # A null disk drops what is written and reads zeros: that is what it must show.
+    expect=$seed
+    case "$model" in *"Null disk") expect=zero ;; esac
+    if ! result=$(vhd-pattern write $seed "/dev/$name" 0 4M -b 1M -d 2>&1) \
+            || ! result=$(vhd-pattern check $expect "/dev/$name" 0 4M -b 1M -d 2>&1); then
+        failures=$((failures + 1))
+    fi
+    say "verify $name wrote=$seed expect=$expect result=$result"
+    seed=$((seed + 1))
+done
+
+say "job-ready"
+read -r go
+for name in $(names); do
+    vhd-pattern randread "/dev/$name" "$(size_bytes "$name")" "$job_ms" -d > "/tmp/job.$name" 2>&1 &
+done
+wait
+for name in $(names); do
+    if grep -q '^randread ' "/tmp/job.$name"; then
+        say "job $name $(sed 's|^randread [^ ]* ||' "/tmp/job.$name")"
+    else
+        failures=$((failures + 1))
+        say "job $name failed: $(cat "/tmp/job.$name")"
+    fi
+done
+say "done failures=$failures"
+EOF
+chmod 755 "$root/bin/vhd-demo"
 
 # 4. Pack it and publish the artifacts atomically, stamp last.
 rm -f "$stamp"

@@ -3,6 +3,8 @@ vhostd, whose log a guest's failure report carries); the pattern helper both sid
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from guest import CommandFailed, GuestError, GuestExited, GuestTimeout, PatternMismatch, VhostUserDevice
@@ -44,6 +46,19 @@ def test_pattern_helper_depends_on_seed_and_position_and_finds_a_changed_byte(gu
     path.write_bytes(changed)
     with pytest.raises(PatternMismatch, match="mismatch at 9096: 1 of"):
         tool.check_file(path, SEED, 4096, len(data))
+
+
+def test_pattern_helper_randread_counts_its_reads_and_refuses_a_span_below_one_read(guest_image, tmp_path):
+    path = make_image(tmp_path / "disk", 1 * MIB)
+    result = subprocess.run([str(guest_image.patterns.path), "randread", str(path), "1M", "200", "-b", "512"],
+                            capture_output=True, text=True, check=True)
+    fields = dict(word.split("=") for word in result.stdout.split()[2:])
+    assert result.stdout.startswith(f"randread {path} ") and int(fields["ops"]) > 0
+    assert int(fields["bytes"]) == 512 * int(fields["ops"]) and int(fields["ms"]) >= 200
+    assert int(fields["iops"]) == pytest.approx(int(fields["ops"]) * 1000 / int(fields["ms"]), rel=0.01)
+    short = subprocess.run([str(guest_image.patterns.path), "randread", str(path), "4095", "10"],
+                           capture_output=True, text=True)
+    assert short.returncode == 2 and "usage" in short.stderr
 
 
 def test_command_output_status_and_failure_are_reported(boot_guest):

@@ -16,6 +16,9 @@
  *   vhd-pattern write SEED PATH OFFSET LENGTH [-b BYTES] [-d] [-f]
  *   vhd-pattern check SEED PATH OFFSET LENGTH [-b BYTES] [-d]
  *   vhd-pattern spin  MIB                                 make MIB MiB in memory (speed calibration)
+ *   vhd-pattern randread PATH SPAN MILLISECONDS [-b BYTES] [-d]
+ *                      reads of BYTES (default 4096) at random aligned offsets in [0, SPAN) for
+ *                      MILLISECONDS, then prints "randread PATH ops=N bytes=B ms=T iops=I"
  *
  *   -b  bytes per read/write (default 65536)   -d  O_DIRECT   -f  fsync before exiting
  *
@@ -31,9 +34,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define DEFAULT_CHUNK_BYTES 65536
+#define DEFAULT_RANDREAD_BYTES 4096
 #define ALIGN_BYTES 4096
 
 static int zero_seed;
@@ -49,7 +54,8 @@ static void usage(void)
     fputs("usage: vhd-pattern gen SEED POS LENGTH\n"
           "       vhd-pattern write SEED PATH OFFSET LENGTH [-b BYTES] [-d] [-f]\n"
           "       vhd-pattern check SEED PATH OFFSET LENGTH [-b BYTES] [-d]\n"
-          "       vhd-pattern spin MIB\n", stderr);
+          "       vhd-pattern spin MIB\n"
+          "       vhd-pattern randread PATH SPAN MILLISECONDS [-b BYTES] [-d]\n", stderr);
     exit(2);
 }
 
@@ -218,6 +224,56 @@ static int cmd_spin(uint64_t mib)
     return 0;
 }
 
+static uint64_t monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * UINT64_C(1000000000) + (uint64_t)ts.tv_nsec;
+}
+
+/* One read at a time, so that ops per second is the round trip of a request through the device. */
+static int cmd_randread(const char *path, uint64_t span, uint64_t ms, size_t chunk, int direct)
+{
+    uint64_t slots = span / chunk;
+    if (slots == 0)
+        usage();
+    int fd = open_target(path, O_RDONLY, direct);
+    unsigned char *buf = chunk_buffer(chunk);
+    uint64_t start = monotonic_ns(), end = start + ms * UINT64_C(1000000), now = start, ops = 0;
+    while (now < end) {
+        uint64_t offset = mix(span, ops) % slots * chunk;
+        ssize_t r = pread(fd, buf, chunk, (off_t)offset);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r != (ssize_t)chunk)
+            die("read");
+        ops++;
+        now = monotonic_ns();
+    }
+    uint64_t elapsed_us = (now - start) / 1000;
+    uint64_t iops = elapsed_us ? ops * UINT64_C(1000000) / elapsed_us : 0;
+    printf("randread %s ops=%" PRIu64 " bytes=%" PRIu64 " ms=%" PRIu64 " iops=%" PRIu64 "\n", path, ops,
+           ops * chunk, elapsed_us / 1000, iops);
+    return 0;
+}
+
+static void parse_io_options(int argc, char **argv, int first, int writing, size_t *chunk, int *direct,
+                             int *sync)
+{
+    for (int i = first; i < argc; i++) {
+        if (strcmp(argv[i], "-b") == 0 && i + 1 < argc)
+            *chunk = (size_t)parse_size(argv[++i]);
+        else if (strcmp(argv[i], "-d") == 0)
+            *direct = 1;
+        else if (strcmp(argv[i], "-f") == 0 && writing)
+            *sync = 1;
+        else
+            usage();
+    }
+    if (*chunk == 0)
+        usage();
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3)
@@ -225,6 +281,15 @@ int main(int argc, char **argv)
     const char *cmd = argv[1];
     if (strcmp(cmd, "spin") == 0)
         return argc == 3 ? cmd_spin(parse_size(argv[2])) : (usage(), 2);
+    size_t chunk = DEFAULT_CHUNK_BYTES;
+    int direct = 0, sync = 0;
+    if (strcmp(cmd, "randread") == 0) {
+        if (argc < 5)
+            usage();
+        chunk = DEFAULT_RANDREAD_BYTES;
+        parse_io_options(argc, argv, 5, 0, &chunk, &direct, &sync);
+        return cmd_randread(argv[2], parse_size(argv[3]), parse_size(argv[4]), chunk, direct);
+    }
     uint64_t seed = parse_seed(argv[2]);
     if (strcmp(cmd, "gen") == 0) {
         if (argc != 5)
@@ -234,20 +299,7 @@ int main(int argc, char **argv)
     int writing = strcmp(cmd, "write") == 0;
     if ((!writing && strcmp(cmd, "check") != 0) || argc < 6)
         usage();
-    size_t chunk = DEFAULT_CHUNK_BYTES;
-    int direct = 0, sync = 0;
-    for (int i = 6; i < argc; i++) {
-        if (strcmp(argv[i], "-b") == 0 && i + 1 < argc)
-            chunk = (size_t)parse_size(argv[++i]);
-        else if (strcmp(argv[i], "-d") == 0)
-            direct = 1;
-        else if (strcmp(argv[i], "-f") == 0 && writing)
-            sync = 1;
-        else
-            usage();
-    }
-    if (chunk == 0)
-        usage();
+    parse_io_options(argc, argv, 6, writing, &chunk, &direct, &sync);
     uint64_t offset = parse_size(argv[4]), length = parse_size(argv[5]);
     return writing ? cmd_write(seed, argv[3], offset, length, chunk, direct, sync)
                    : cmd_check(seed, argv[3], offset, length, chunk, direct);
