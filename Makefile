@@ -43,6 +43,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet 'setuptools>=77' wheel 'Cython>=3.0'
 	$(BIN)/pip install --quiet --no-build-isolation -e '.[test]'
+	$(BIN)/python scripts/build-sma-protos.py
 	touch $@
 
 # Rebuild the data-plane extension in place after a change under ext/.
