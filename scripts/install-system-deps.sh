@@ -9,6 +9,7 @@ PACKAGES=(
     valgrind                                                    # instruction counts in the benchmark
     systemd tmux                                                # unit file check, vhostd-top's screen test
     prometheus                                                  # scraping /metrics, the dashboard's PromQL
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # a real libvirt domain on vhostd disks
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do
