@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from guest import Guest, GuestImage, tail_text
+from guest import Guest, GuestImage, GuestShell, tail_text
+from libvirt_host import LibvirtDaemon, LibvirtGuest
 from qsd import StorageDaemon
 from tests.helpers.daemon import Daemon
 
@@ -27,6 +28,11 @@ REQUIRED_TOOLS = {
     "qemu-storage-daemon": "qemu-system-x86",
     "busybox": "busybox-static",
     "cpio": "cpio",
+}
+LIBVIRT_TOOLS = {
+    "libvirtd": "libvirt-daemon, libvirt-daemon-driver-qemu",
+    "virsh": "libvirt-clients",
+    "unshare": "util-linux",
 }
 
 
@@ -114,6 +120,16 @@ def vhostd(socket_dir: Path, started_daemons: list[Daemon]) -> Iterator[Callable
         d.cleanup()
 
 
+def booted(guest: GuestShell, started_daemons: list[Daemon]) -> GuestShell:
+    """Start a guest whose failure reports carry the tails of the test's vhostd logs; the boot's
+    figures are printed (shown with a failing test's output)."""
+    guest.attach_log("vhostd logs", lambda: daemon_log_tails(started_daemons))
+    guest.start()
+    print(f"guest booted in {guest.boot_time_s:.1f} s, time scale {guest.time_scale:.1f} "
+          f"(calibration {guest.calibration_s:.2f} s); console log: {guest.console_log_path}")
+    return guest
+
+
 @pytest.fixture
 def boot_guest(guest_image: GuestImage, tmp_path: Path,
                started_daemons: list[Daemon]) -> Iterator[Callable[..., Guest]]:
@@ -126,13 +142,46 @@ def boot_guest(guest_image: GuestImage, tmp_path: Path,
     def boot(**kwargs) -> Guest:
         kwargs.setdefault("workdir", tmp_path / f"guest{len(guests)}")
         guest = Guest(guest_image, **kwargs)
-        guest.attach_log("vhostd logs", lambda: daemon_log_tails(started_daemons))
         print(f"QEMU: {guest.command_line_str}")
         guests.append(guest)
-        guest.start()
-        print(f"guest booted in {guest.boot_time_s:.1f} s, time scale {guest.time_scale:.1f} "
-              f"(calibration {guest.calibration_s:.2f} s); console log: {guest.console_log_path}")
-        return guest
+        return booted(guest, started_daemons)
+
+    yield boot
+    for guest in guests:
+        guest.close()
+
+
+@pytest.fixture(scope="module")
+def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtDaemon]:
+    """A libvirtd of the tests' own (``tests/e2e/libvirt_host.py``): root, in a private mount
+    namespace over a temporary state directory. At teardown every domain is destroyed, the daemon
+    stopped and its logs (libvirtd's, each domain's QEMU log) copied to a pytest temporary directory."""
+    missing = [f"{tool} (package {pkg})" for tool, pkg in LIBVIRT_TOOLS.items() if not shutil.which(tool)]
+    if missing:
+        missing_dependency("libvirt tests need " + ", ".join(missing))
+    if os.geteuid() != 0:
+        missing_dependency("libvirt tests need root: libvirtd runs privileged in its own mount namespace")
+    daemon = LibvirtDaemon(logs_dir=tmp_path_factory.mktemp("libvirtd-logs"))
+    with daemon:
+        yield daemon
+    print(f"libvirtd logs: {daemon.logs_dir}")
+
+
+@pytest.fixture
+def boot_libvirt_guest(guest_image: GuestImage, libvirtd: LibvirtDaemon, tmp_path: Path,
+                       started_daemons: list[Daemon]) -> Iterator[Callable[..., LibvirtGuest]]:
+    """A factory: ``boot_libvirt_guest(elements=[...], disks=[...])`` defines and starts the test
+    guest as a domain of the ``libvirtd`` fixture (keyword arguments as LibvirtGuest's) and waits for
+    its shell; every domain it started is destroyed and undefined at teardown. The domain XML is
+    printed; failure reports carry it, libvirt's QEMU log, libvirtd's log and the vhostd logs."""
+    guests: list[LibvirtGuest] = []
+
+    def boot(**kwargs) -> LibvirtGuest:
+        kwargs.setdefault("workdir", tmp_path / f"domain{len(guests)}")
+        guest = LibvirtGuest(guest_image, libvirtd, **kwargs)
+        print(f"libvirt domain XML:\n{guest.domain_xml}")
+        guests.append(guest)
+        return booted(guest, started_daemons)
 
     yield boot
     for guest in guests:

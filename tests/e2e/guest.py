@@ -362,6 +362,56 @@ class SerialConsole:
         self._log.close()
 
 
+class ConsoleTransport:
+    """How the harness holds a guest's serial port: a file descriptor the guest's output is read
+    from (by :class:`SerialConsole`) and :meth:`write` for what the host sends. How the port is
+    reached depends on who launched the machine."""
+
+    read_fd: int
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` to the guest; an OSError once the port is gone."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class PipeConsole(ConsoleTransport):
+    """The serial port on the stdio pipes of a QEMU this process started (``-serial stdio``)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+        self.read_fd = proc.stdout.fileno()
+
+    def write(self, data: bytes) -> None:
+        self._proc.stdin.write(data)
+        self._proc.stdin.flush()
+
+    def close(self) -> None:
+        self._proc.stdin.close()
+        self._proc.stdout.close()
+
+
+class SocketConsole(ConsoleTransport):
+    """The serial port on a unix socket QEMU listens on (libvirt's ``<serial type='unix'>``)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(os.fspath(path))
+        self.read_fd = self._sock.fileno()
+
+    def write(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def close(self) -> None:
+        # shutdown wakes a reader still blocked on the socket; close alone would not.
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
 class QMPClient:
     """A minimal QMP client: synchronous commands, asynchronous events kept for :meth:`wait_event`."""
 
@@ -434,32 +484,20 @@ class QMPClient:
         self._sock.close()
 
 
-class Guest(ProcessHarness):
-    """A QEMU guest with vhost-user disks; a context manager that always ends the QEMU process.
-
-    ``with Guest(image, devices=[VhostUserDevice("blk", sock)]) as guest: guest.check("ls /dev")``
-    """
+class GuestShell(ProcessHarness):
+    """A guest machine driven through the command protocol on its serial console: boot wait,
+    calibration, commands, pattern checks and failure reports. Subclasses launch the machine and
+    say how its console is reached (:meth:`_launch`), whether it runs and how it ended."""
 
     def __init__(
         self,
         image: GuestImage,
-        devices: Iterable[VhostUserDevice] = (),
         *,
-        memory_mib: int = 256,
-        smp: int = 1,
         workdir: str | os.PathLike[str] | None = None,
         boot_timeout_s: float = 120.0,
-        kernel_cmdline: str = KERNEL_CMDLINE,
-        qemu_binary: str = "qemu-system-x86_64",
-        extra_args: Iterable[str] = (),
-        reboot_resets: bool = False,
         min_time_scale: float | None = None,
     ) -> None:
         self.image = image
-        self.devices: list[VhostUserDevice] = []
-        self._devices_named = 0
-        for dev in devices:
-            self.devices.append(self._named(dev))
         if min_time_scale is None:
             min_time_scale = float(os.environ.get(TIME_SCALE_ENV) or 1.0)
         self.min_time_scale = max(1.0, min_time_scale)
@@ -467,6 +505,7 @@ class Guest(ProcessHarness):
         self.time_scale = self.min_time_scale
         self.calibration_s: float | None = None
         self.boot_timeout_s = boot_timeout_s
+        self.boot_time_s: float | None = None
         self._logs: dict[str, Callable[[], str]] = {}
         self._own_dirs: list[Path] = []
         if workdir is None:
@@ -474,78 +513,72 @@ class Guest(ProcessHarness):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.console_log_path = self.workdir / "console.log"
-        self.stderr_path = self.workdir / "qemu.stderr"
-        self.qmp_path = self.workdir / "qmp.sock"
-        if len(os.fsencode(self.qmp_path)) > MAX_UNIX_PATH_BYTES:
-            self.qmp_path = self._make_temp_dir() / "qmp.sock"
-        self.command_line: list[str] = [
-            qemu_binary,
-            "-accel", "tcg",
-            "-cpu", "max",
-            "-machine", "pc,memory-backend=mem",
-            # vhost-user back-ends map guest RAM, so it must be a shareable fd.
-            "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
-            "-m", f"{memory_mib}M",
-            "-smp", str(smp),
-            "-nodefaults",
-            "-nographic",
-            # A reboot ends QEMU unless the test wants to see the guest come back.
-            *([] if reboot_resets else ["-no-reboot"]),
-            "-serial", "stdio",
-            "-qmp", f"unix:{qemu_opt_value(self.qmp_path)},server=on,wait=off",
-            "-kernel", os.fspath(image.kernel),
-            "-initrd", os.fspath(image.initrd),
-            "-append", kernel_cmdline,
-        ]
-        for dev in self.devices:
-            self.command_line += dev.command_line_args()
-        self.command_line += list(extra_args)
-        self.boot_time_s: float | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._transport: ConsoleTransport | None = None
         self._console: SerialConsole | None = None
-        self._qmp: QMPClient | None = None
-        self._stderr_file = None
         self._broken: str | None = None
-
-    def _named(self, device: VhostUserDevice) -> VhostUserDevice:
-        """``device`` with an id: its own, or ``<kind><n>`` with n counting every device added."""
-        self._devices_named += 1
-        if device.id:
-            return device
-        return dataclasses.replace(device, id=f"{device.kind}{self._devices_named - 1}")
 
     def _make_temp_dir(self) -> Path:
         path = Path(tempfile.mkdtemp(prefix="vhd-guest-"))
         self._own_dirs.append(path)
         return path
 
+    def _short_path(self, name: str) -> Path:
+        """``name`` in the work directory, or in a short temporary one if that makes a path too
+        long for a unix socket."""
+        path = self.workdir / name
+        if len(os.fsencode(path)) > MAX_UNIX_PATH_BYTES:
+            path = self._make_temp_dir() / name
+        return path
+
+    # --- what a subclass provides --------------------------------------------------------------
+
+    def _launch(self) -> ConsoleTransport:
+        """Start the machine; its console, connected before the guest wrote anything to it."""
+        raise NotImplementedError
+
+    def _booted(self) -> None:
+        """Called once the guest's shell is ready, before the calibration."""
+
     @property
-    def command_line_str(self) -> str:
-        """The QEMU command line as a shell would take it (tests print it on failure)."""
-        return shlex.join(self.command_line)
+    def running(self) -> bool:
+        raise NotImplementedError
+
+    def _wait_ended(self, limit_s: float) -> Any:
+        """Wait up to ``limit_s`` for the machine to end after the guest powered off; how it ended
+        (what :meth:`poweroff` returns), or None if it still runs."""
+        raise NotImplementedError
+
+    def _ended_text(self) -> str | None:
+        """How the machine ended, for a failure report; None while it runs."""
+        raise NotImplementedError
+
+    def _machine_text(self) -> str:
+        """The failure report's lines on the machine: how it was launched."""
+        raise NotImplementedError
+
+    def _machine_logs(self) -> dict[str, str]:
+        """The failure report's logs of the machine, label -> text (tails are taken)."""
+        raise NotImplementedError
+
+    def _end_machine(self) -> None:
+        """End the machine if it still runs and release what launching it took."""
+        raise NotImplementedError
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start QEMU, wait for the guest's shell, connect QMP, calibrate the time limits."""
-        if self._proc is not None:
+        """Launch the machine, wait for the guest's shell, calibrate the time limits."""
+        if self._transport is not None:
             raise GuestError("guest already started")
         started = time.monotonic()
-        self._stderr_file = open(self.stderr_path, "wb")
-        self._proc = subprocess.Popen(
-            self.command_line,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr_file,
-            preexec_fn=die_with_parent,
-        )
-        self._console = SerialConsole(self._proc.stdout.fileno(), self.console_log_path)
+        self._transport = self._launch()
+        self._console = SerialConsole(self._transport.read_fd, self.console_log_path)
         ready = re.compile(re.escape(READY_MARKER) + rb"\r?\n")
         boot_limit_s = self.scaled(self.boot_timeout_s)
         if not self._console.wait_for(ready, 0, started + boot_limit_s):
             self._fail(f"guest shell not ready (boot timeout {boot_limit_s:.0f} s)")
         self.boot_time_s = time.monotonic() - started
-        self._qmp = QMPClient(self.qmp_path)
+        self._booted()
         self.calibrate()
 
     def calibrate(self) -> float:
@@ -570,59 +603,26 @@ class Guest(ProcessHarness):
         the back-end serving this guest's disks."""
         self._logs[label] = read
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def exit_code(self) -> int | None:
-        """QEMU's exit status once it has exited, else None."""
-        return None if self._proc is None else self._proc.poll()
-
-    def poweroff(self, timeout_s: float = 60.0) -> int:
-        """Flush the guest's caches, power it off and wait for QEMU to exit; QEMU's exit status."""
+    def poweroff(self, timeout_s: float = 60.0) -> Any:
+        """Flush the guest's caches, power it off and wait for the machine to end; how it ended (for
+        a QEMU guest its exit status)."""
         self.check("sync", timeout_s=timeout_s)
         self._send_script("poweroff -f", secrets.token_hex(8))
         limit_s = self.scaled(timeout_s)
-        try:
-            return self._proc.wait(timeout=limit_s)
-        except subprocess.TimeoutExpired:
-            self._fail(f"QEMU still running {limit_s:.0f} s after poweroff -f")
-
-    def reboot(self, timeout_s: float | None = None) -> float:
-        """Flush the guest's caches, reboot it (``reboot -f``: a machine reset, needs
-        ``reboot_resets=True``) and wait for its shell to be ready again; the seconds it took."""
-        self.check("sync")
-        started = time.monotonic()
-        start = self._send_script("reboot -f", secrets.token_hex(8))
-        ready = re.compile(re.escape(READY_MARKER) + rb"\r?\n")
-        deadline = started + self.scaled(self.boot_timeout_s if timeout_s is None else timeout_s)
-        if not self._console.wait_for(ready, start, deadline):
-            self._broken = "reboot did not complete"
-            self._fail("guest shell not ready again after reboot -f")
-        return time.monotonic() - started
-
-    def kill(self) -> None:
-        """End QEMU at once (SIGKILL), as a crash would."""
-        if self.running:
-            self._proc.kill()
-            self._proc.wait()
+        ended = self._wait_ended(limit_s)
+        if ended is None:
+            self._fail(f"machine still running {limit_s:.0f} s after poweroff -f")
+        return ended
 
     def close(self) -> None:
-        """End QEMU if it still runs (SIGTERM, then SIGKILL) and release everything."""
-        if self._qmp is not None:
-            self._qmp.close()
-            self._qmp = None
-        if self._proc is not None:
-            terminate(self._proc)
-            self._proc.stdin.close()
+        """End the machine if it still runs and release everything."""
+        self._end_machine()
         if self._console is not None:
             self._console.close()
-            self._proc.stdout.close()
             self._console = None
-        if self._stderr_file is not None:
-            self._stderr_file.close()
-            self._stderr_file = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
         for path in self._own_dirs:
             shutil.rmtree(path, ignore_errors=True)
         self._own_dirs.clear()
@@ -678,17 +678,16 @@ class Guest(ProcessHarness):
         if self._broken:
             raise GuestError(f"guest unusable after an earlier failure ({self._broken})")
         if not self.running:
-            self._fail("QEMU is not running")
+            self._fail("the machine is not running")
         encoded = base64.encodebytes(command.encode())
         if len(encoded) > MAX_SCRIPT_BYTES:
             raise ValueError(f"guest script of {len(encoded)} encoded bytes exceeds {MAX_SCRIPT_BYTES}")
         lines = encoded.splitlines()
         start = self._console.size
         try:
-            self._proc.stdin.write(b"RUN %s %d\n" % (nonce.encode(), len(lines)) + encoded)
-            self._proc.stdin.flush()
-        except BrokenPipeError:
-            self._fail("QEMU closed the serial console")
+            self._transport.write(b"RUN %s %d\n" % (nonce.encode(), len(lines)) + encoded)
+        except (BrokenPipeError, ConnectionError):
+            self._fail("the serial console was closed")
         return start
 
     def _fail(self, what: str) -> NoReturn:
@@ -696,73 +695,31 @@ class Guest(ProcessHarness):
         raise self.failure(what)
 
     def failure(self, what: str) -> GuestError:
-        """GuestExited or GuestTimeout saying ``what``, with the evidence a reader needs: the QEMU
-        command line and stderr, the console's tail, the calibration and every attached log's tail.
-        Tests raise it when their own wait on the guest runs out."""
-        if self._console is not None and self._console.closed:
-            # QEMU closes the console a moment before its process ends.
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        exited = self._proc is not None and self._proc.poll() is not None
-        if exited:
-            what += f" (QEMU exited with status {self._proc.returncode})"
-        stderr = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+        """GuestExited or GuestTimeout saying ``what``, with the evidence a reader needs: how the
+        machine was launched and its logs (QEMU's command line and stderr, or the libvirt domain's
+        XML and logs), the console's tail, the calibration and every attached log's tail. Tests
+        raise it when their own wait on the guest runs out."""
+        ended = self._ended_text()
+        if ended:
+            what += f" ({ended})"
         console = self._console.text() if self._console else ""
         calibration = ("not calibrated" if self.calibration_s is None else
                        f"calibration {self.calibration_s:.2f} s against {CALIBRATION_REFERENCE_S:.2f} s")
         message = (
-            f"{what}\nQEMU: {self.command_line_str}\n"
+            f"{what}\n{self._machine_text()}\n"
             f"time scale {self.time_scale:.1f} ({calibration}; boot took "
-            f"{'?' if self.boot_time_s is None else '%.1f' % self.boot_time_s} s)\n"
-            f"--- QEMU stderr ---\n{tail_text(stderr)}"
-            f"\n--- console tail ({self.console_log_path}) ---\n{tail_text(console)}"
+            f"{'?' if self.boot_time_s is None else '%.1f' % self.boot_time_s} s)"
         )
+        for label, text in self._machine_logs().items():
+            message += f"\n--- {label} ---\n{tail_text(text)}"
+        message += f"\n--- console tail ({self.console_log_path}) ---\n{tail_text(console)}"
         for label, read in self._logs.items():
             try:
                 text = read()
             except Exception as error:  # the report must not fail for want of a log
                 text = f"(unreadable: {error!r})"
             message += f"\n--- {label} (tail) ---\n{tail_text(text, LOG_TAIL_CHARS)}"
-        return (GuestExited if exited else GuestTimeout)(message)
-
-    # --- QMP ---------------------------------------------------------------------------------
-
-    def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
-        """Run a QMP command; arguments from ``arguments`` (for names with dashes) and keywords."""
-        if self._qmp is None:
-            raise GuestError("QMP is not connected (guest not started or closed)")
-        return self._qmp.execute(command, {**(arguments or {}), **kwargs})
-
-    def wait_qmp_event(
-        self, name: str, timeout_s: float = 30.0, match: Callable[[dict[str, Any]], bool] | None = None
-    ) -> dict[str, Any]:
-        """Wait for a QMP event (see :meth:`QMPClient.wait_event`)."""
-        if self._qmp is None:
-            raise GuestError("QMP is not connected (guest not started or closed)")
-        return self._qmp.wait_event(name, timeout_s, match)
-
-    def hotplug(self, device: VhostUserDevice) -> VhostUserDevice:
-        """Add a vhost-user device to the running guest (chardev-add, device_add); it, with its id."""
-        device = self._named(device)
-        self.qmp("chardev-add", device.qmp_chardev_add_args())
-        try:
-            self.qmp("device_add", device.device_properties())
-        except QMPError:
-            self.qmp("chardev-remove", id=device.chardev_id)
-            raise
-        self.devices.append(device)
-        return device
-
-    def unplug(self, device_id: str, timeout_s: float = 60.0) -> None:
-        """Remove a device (device_del), wait until the guest released it, drop its chardev."""
-        device = next(dev for dev in self.devices if dev.id == device_id)
-        self.qmp("device_del", id=device_id)
-        self.wait_qmp_event("DEVICE_DELETED", timeout_s, lambda data: data.get("device") == device_id)
-        self.qmp("chardev-remove", id=device.chardev_id)
-        self.devices.remove(device)
-
+        return (GuestExited if ended else GuestTimeout)(message)
     # --- common checks -----------------------------------------------------------------------
 
     def read_sysfs(self, path: str, timeout_s: float = 60.0) -> str:
@@ -803,3 +760,181 @@ class Guest(ProcessHarness):
     def dmesg(self) -> str:
         """The guest kernel's log (kept off the console while commands run)."""
         return self.check("dmesg")
+
+
+class Guest(GuestShell):
+    """A QEMU guest this process starts, with vhost-user disks; the serial port on QEMU's stdio, QMP
+    on a unix socket. A context manager that always ends the QEMU process.
+
+    ``with Guest(image, devices=[VhostUserDevice("blk", sock)]) as guest: guest.check("ls /dev")``
+    """
+
+    def __init__(
+        self,
+        image: GuestImage,
+        devices: Iterable[VhostUserDevice] = (),
+        *,
+        memory_mib: int = 256,
+        smp: int = 1,
+        workdir: str | os.PathLike[str] | None = None,
+        boot_timeout_s: float = 120.0,
+        kernel_cmdline: str = KERNEL_CMDLINE,
+        qemu_binary: str = "qemu-system-x86_64",
+        extra_args: Iterable[str] = (),
+        reboot_resets: bool = False,
+        min_time_scale: float | None = None,
+    ) -> None:
+        super().__init__(image, workdir=workdir, boot_timeout_s=boot_timeout_s, min_time_scale=min_time_scale)
+        self.devices: list[VhostUserDevice] = []
+        self._devices_named = 0
+        for dev in devices:
+            self.devices.append(self._named(dev))
+        self.stderr_path = self.workdir / "qemu.stderr"
+        self.qmp_path = self._short_path("qmp.sock")
+        self.command_line: list[str] = [
+            qemu_binary,
+            "-accel", "tcg",
+            "-cpu", "max",
+            "-machine", "pc,memory-backend=mem",
+            # vhost-user back-ends map guest RAM, so it must be a shareable fd.
+            "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
+            "-m", f"{memory_mib}M",
+            "-smp", str(smp),
+            "-nodefaults",
+            "-nographic",
+            # A reboot ends QEMU unless the test wants to see the guest come back.
+            *([] if reboot_resets else ["-no-reboot"]),
+            "-serial", "stdio",
+            "-qmp", f"unix:{qemu_opt_value(self.qmp_path)},server=on,wait=off",
+            "-kernel", os.fspath(image.kernel),
+            "-initrd", os.fspath(image.initrd),
+            "-append", kernel_cmdline,
+        ]
+        for dev in self.devices:
+            self.command_line += dev.command_line_args()
+        self.command_line += list(extra_args)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qmp: QMPClient | None = None
+        self._stderr_file = None
+
+    def _named(self, device: VhostUserDevice) -> VhostUserDevice:
+        """``device`` with an id: its own, or ``<kind><n>`` with n counting every device added."""
+        self._devices_named += 1
+        if device.id:
+            return device
+        return dataclasses.replace(device, id=f"{device.kind}{self._devices_named - 1}")
+
+    @property
+    def command_line_str(self) -> str:
+        """The QEMU command line as a shell would take it (tests print it on failure)."""
+        return shlex.join(self.command_line)
+
+    # --- the QEMU process ----------------------------------------------------------------------
+
+    def _launch(self) -> ConsoleTransport:
+        self._stderr_file = open(self.stderr_path, "wb")
+        self._proc = subprocess.Popen(
+            self.command_line,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr_file,
+            preexec_fn=die_with_parent,
+        )
+        return PipeConsole(self._proc)
+
+    def _booted(self) -> None:
+        self._qmp = QMPClient(self.qmp_path)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """QEMU's exit status once it has exited, else None."""
+        return None if self._proc is None else self._proc.poll()
+
+    def _wait_ended(self, limit_s: float) -> int | None:
+        try:
+            return self._proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _ended_text(self) -> str | None:
+        if self._console is not None and self._console.closed:
+            # QEMU closes the console a moment before its process ends.
+            self._wait_ended(10)
+        if self.exit_code is None:
+            return None
+        return f"QEMU exited with status {self.exit_code}"
+
+    def _machine_text(self) -> str:
+        return f"QEMU: {self.command_line_str}"
+
+    def _machine_logs(self) -> dict[str, str]:
+        stderr = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+        return {"QEMU stderr": stderr}
+
+    def _end_machine(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+        if self._proc is not None:
+            terminate(self._proc)
+        if self._stderr_file is not None:
+            self._stderr_file.close()
+            self._stderr_file = None
+
+    def reboot(self, timeout_s: float | None = None) -> float:
+        """Flush the guest's caches, reboot it (``reboot -f``: a machine reset, needs
+        ``reboot_resets=True``) and wait for its shell to be ready again; the seconds it took."""
+        self.check("sync")
+        started = time.monotonic()
+        start = self._send_script("reboot -f", secrets.token_hex(8))
+        ready = re.compile(re.escape(READY_MARKER) + rb"\r?\n")
+        deadline = started + self.scaled(self.boot_timeout_s if timeout_s is None else timeout_s)
+        if not self._console.wait_for(ready, start, deadline):
+            self._broken = "reboot did not complete"
+            self._fail("guest shell not ready again after reboot -f")
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        """End QEMU at once (SIGKILL), as a crash would."""
+        if self.running:
+            self._proc.kill()
+            self._proc.wait()
+    # --- QMP ---------------------------------------------------------------------------------
+
+    def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        """Run a QMP command; arguments from ``arguments`` (for names with dashes) and keywords."""
+        if self._qmp is None:
+            raise GuestError("QMP is not connected (guest not started or closed)")
+        return self._qmp.execute(command, {**(arguments or {}), **kwargs})
+
+    def wait_qmp_event(
+        self, name: str, timeout_s: float = 30.0, match: Callable[[dict[str, Any]], bool] | None = None
+    ) -> dict[str, Any]:
+        """Wait for a QMP event (see :meth:`QMPClient.wait_event`)."""
+        if self._qmp is None:
+            raise GuestError("QMP is not connected (guest not started or closed)")
+        return self._qmp.wait_event(name, timeout_s, match)
+
+    def hotplug(self, device: VhostUserDevice) -> VhostUserDevice:
+        """Add a vhost-user device to the running guest (chardev-add, device_add); it, with its id."""
+        device = self._named(device)
+        self.qmp("chardev-add", device.qmp_chardev_add_args())
+        try:
+            self.qmp("device_add", device.device_properties())
+        except QMPError:
+            self.qmp("chardev-remove", id=device.chardev_id)
+            raise
+        self.devices.append(device)
+        return device
+
+    def unplug(self, device_id: str, timeout_s: float = 60.0) -> None:
+        """Remove a device (device_del), wait until the guest released it, drop its chardev."""
+        device = next(dev for dev in self.devices if dev.id == device_id)
+        self.qmp("device_del", id=device_id)
+        self.wait_qmp_event("DEVICE_DELETED", timeout_s, lambda data: data.get("device") == device_id)
+        self.qmp("chardev-remove", id=device.chardev_id)
+        self.devices.remove(device)
