@@ -44,9 +44,3 @@ class OutOfMemory(VhostdError):
 
 class NotSupported(VhostdError):
     errno = _errno.EOPNOTSUPP
-
-
-class BackendFailure(VhostdError):
-    """A storage back-end (Ceph) refused or failed: SPDK's modules answer a bare -1 (EPERM)."""
-
-    errno = _errno.EPERM
