@@ -14,6 +14,7 @@ from dataplane cimport *
 include "platform.pxi"
 include "guestmem.pxi"
 include "bdev.pxi"
+include "rbd.pxi"
 include "iov.pxi"
 include "vring.pxi"
 include "blk.pxi"

@@ -1,5 +1,6 @@
-# Block devices: malloc (anonymous memory), null (writes discarded, reads zero) and file (a regular
-# file or block device through io_uring).  One request type (bdev_io_t), one entry point
+# Block devices: malloc (anonymous memory), null (writes discarded, reads zero), file (a regular
+# file or block device through io_uring), virtio (another target) and rbd (librbd, rbd.pxi).
+# One request type (bdev_io_t), one entry point
 # (bdev_submit) and one completion path (bdev_io_finish) for every kind; the per-I/O code holds no
 # Python object and never takes the GIL.
 
@@ -415,6 +416,8 @@ cdef int _start(io_ctx_t *ctx, bdev_io_t *io) noexcept nogil:
         return 0
     if b.kind == BDEV_VIRTIO:
         return _virtio_start(ctx, io)
+    if b.kind == BDEV_RBD:
+        return _rbd_start(ctx, io)
     if b.kind == BDEV_FILE:
         rc = _file_prepare(ctx, b, io)
         if rc == -EAGAIN:
@@ -471,6 +474,8 @@ cdef int io_ctx_poll(io_ctx_t *ctx) noexcept nogil:
     io_ctx_flush(ctx)
     if ctx.nvqueues:
         completed += _virtio_poll(ctx)
+    if ctx.rbd_inflight:
+        completed += rbd_ctx_poll(ctx)
     if not ctx.ring_ready or ctx.in_kernel == 0:
         return completed
     vhd_clock_refresh()
@@ -498,7 +503,8 @@ cdef inline bint io_ctx_idle(io_ctx_t *ctx) noexcept nogil:
     for i in range(ctx.nvqueues):
         if ctx.vqueues[i].inflight:
             return False
-    return ctx.in_kernel == 0 and ctx.unsubmitted == 0 and ctx.queued_head == NULL
+    return (ctx.in_kernel == 0 and ctx.unsubmitted == 0 and ctx.queued_head == NULL
+            and ctx.rbd_inflight == 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,9 +711,10 @@ cdef class Disk:
         return <size_t>self.bdev
 
     def resize(self, uint64_t num_blocks):
-        """Change the size of a null disk (malloc and file disks cannot be resized this way)."""
-        if self.bdev.kind != BDEV_NULL:
-            raise ValueError("only null disks can be resized")
+        """Change the size of a null disk, or record the new size of an rbd disk's image (malloc
+        and file disks cannot be resized this way)."""
+        if self.bdev.kind != BDEV_NULL and self.bdev.kind != BDEV_RBD:
+            raise ValueError("only null and rbd disks can be resized")
         Disk._check_geometry(self.bdev.block_size, num_blocks)
         self.bdev.num_blocks = num_blocks
 
@@ -868,6 +875,8 @@ cdef class IoContext:
                 io_ctx_poll(&self.ctx)
                 if not done and self.ctx.in_kernel:
                     io_uring_wait_cqe(&self.ctx.ring, &cqe)
+                elif not done and self.ctx.rbd_inflight:
+                    rbd_ctx_wait(&self.ctx, 100)
         io_stats_add(&disk.retired, &stats)
         if io.status < 0:
             raise OSError(-io.status, os.strerror(-io.status))

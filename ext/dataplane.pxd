@@ -65,6 +65,7 @@ cdef enum bdev_kind_t:
     BDEV_NULL = 2
     BDEV_FILE = 3
     BDEV_VIRTIO = 4          # another vhost-user target, through our own front-end
+    BDEV_RBD = 5             # a Ceph RBD image through librbd (loaded at run time, rbd.pxi)
 
 cdef enum bdev_op_t:
     OP_READ = 1
@@ -134,6 +135,7 @@ cdef struct bdev_t:
     uint32_t direct_align    # file: alignment O_DIRECT needs for offsets, lengths and buffers
     qos_t qos
     virtio_bdev_t *virtio    # virtio kind: the front-end queues
+    void *rbd_image          # rbd kind: the open rbd_image_t (shared by every engine)
 
 cdef struct bdev_io_t
 ctypedef void (*bdev_io_cb_t)(bdev_io_t *io) noexcept nogil
@@ -157,7 +159,8 @@ cdef struct bdev_io_t:
     void *cb_arg
     io_stats_t *stats        # the channel this I/O is accounted to
     uint64_t submit_tick
-    bdev_io_t *next_queued   # io_ctx wait list (submission queue full, or QoS)
+    bdev_io_t *next_queued   # io_ctx wait list (submission queue full, or QoS); rbd done list
+    io_ctx_t *ctx            # rbd: the engine that submitted it, where its completion goes back
 
 cdef struct io_ctx_t:
     # One thread's I/O engine: an io_uring for file bdevs, and the list of I/Os waiting for room.
@@ -171,6 +174,10 @@ cdef struct io_ctx_t:
     vdrv_queue_t *vqueues[MAX_CTX_VQUEUES]   # virtio-bdev queues this engine claimed
     virtio_bdev_t *vbdevs[MAX_CTX_VQUEUES]
     uint32_t nvqueues
+    # rbd: librbd's threads push finished I/Os here (a lock-free stack; the engine takes it whole)
+    # and write event_fd when it was empty
+    bdev_io_t *rbd_done
+    uint32_t rbd_inflight
 
 
 # ---------------------------------------------------------------------------------------------

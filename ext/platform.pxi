@@ -53,6 +53,8 @@ cdef extern from *:
     static inline int vhd_cas_ptr(void **p, void *expected, void *desired) {
         return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
     }
+    static inline void *vhd_load_ptr(void **p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void *vhd_exchange_ptr(void **p, void *v) { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
     static inline int vhd_clz64(uint64_t v) { return v ? __builtin_clzll(v) : 64; }
     """
     uint64_t vhd_ticks() nogil
@@ -76,6 +78,8 @@ cdef extern from *:
     int vhd_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired) nogil
     void vhd_store_ptr(void **p, void *v) nogil
     int vhd_cas_ptr(void **p, void *expected, void *desired) nogil
+    void *vhd_load_ptr(void **p) nogil
+    void *vhd_exchange_ptr(void **p, void *v) nogil
     int vhd_clz64(uint64_t v) nogil
 
 cdef extern from "<sys/eventfd.h>" nogil:

@@ -9,6 +9,8 @@ PACKAGES=(
     valgrind                                                    # instruction counts in the benchmark
     systemd tmux                                                # unit file check, vhostd-top's screen test
     prometheus                                                  # scraping /metrics, the dashboard's PromQL
+    librbd1                                                     # RBD bdevs (optional at run time: dlopen'ed)
+    ceph-mon ceph-osd ceph-mgr ceph-common                      # the tests' one-node Ceph cluster, `rbd export`
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # a real libvirt domain on vhostd disks
 )
 missing=()

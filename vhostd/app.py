@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from . import _dataplane as dp
 from .bdev import BdevRegistry, VirtioBlkBdev
 from .bdev.base import parse_uuid
+from .bdev.rbd import RbdManager
 from .dataplane import ReactorSet
 from .errors import AlreadyExists, NotFound
 from .logs import Logs
@@ -65,6 +66,7 @@ class App:
         self.tick_rate = dp.tick_rate()
         self.reactors = ReactorSet(options.cores, options.idle_sleep_us)
         self.bdevs = BdevRegistry()
+        self.rbd = RbdManager(self.bdevs)
         gid = None
         if options.socket_group is not None:
             try:
@@ -148,6 +150,7 @@ class App:
                 await self._release_virtio(bdev)
         if self.reactors.started:
             await self.reactors.stop()
+        await self.rbd.close_all()
         self.bdevs.close_all()
         self.logs.close()
 

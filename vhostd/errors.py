@@ -44,3 +44,9 @@ class OutOfMemory(VhostdError):
 
 class NotSupported(VhostdError):
     errno = _errno.EOPNOTSUPP
+
+
+class BackendFailure(VhostdError):
+    """A storage back-end (Ceph) refused or failed: SPDK's modules answer a bare -1 (EPERM)."""
+
+    errno = _errno.EPERM

@@ -33,7 +33,7 @@ class Daemon:
     """A vhostd process with its own RPC socket and socket directory (short /tmp paths)."""
 
     def __init__(self, *args: str, workdir: str | None = None, cores: str = "0x1",
-                 config: str | None = None) -> None:
+                 config: str | None = None, env: dict[str, str] | None = None) -> None:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="vhd-", dir="/tmp")
         self.dir = Path(workdir or self._tmp.name)
         self.socket_dir = self.dir / "sockets"
@@ -44,13 +44,14 @@ class Daemon:
         if config:
             self.args += ["--json", config]
         self.proc: subprocess.Popen | None = None
+        self.env = dict(env or {})
 
     @property
     def command(self) -> list[str]:
         return [sys.executable, "-m", "vhostd.cli", *self.args]
 
     def start(self, wait: bool = True, timeout: float = 20.0) -> Daemon:
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, **self.env, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command, cwd=self.dir, env=env, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT)

@@ -50,7 +50,7 @@ class BdevRegistry:
                 return bdev
         raise NotFound("no bdev %r" % name)
 
-    def _check_new(self, name: str, uuid: uuidlib.UUID) -> None:
+    def check_new(self, name: str, uuid: uuidlib.UUID) -> None:
         check_name(name)
         for bdev in self._bdevs.values():
             if bdev.answers_to(name) or bdev.uuid == uuid or bdev.name == str(uuid):
@@ -92,7 +92,7 @@ class BdevRegistry:
             name = "Malloc%d" % self._malloc_counter
             self._malloc_counter += 1
         ident = parse_uuid(uuid)
-        self._check_new(name, ident)
+        self.check_new(name, ident)
         _check_physical(physical_block_size, block_size)
         try:
             disk = dp.Disk.malloc(block_size, num_blocks)
@@ -105,7 +105,7 @@ class BdevRegistry:
     def create_null(self, name: str, num_blocks: int, block_size: int, uuid: str | None = None,
                     physical_block_size: int = 0, **preferred: int) -> Bdev:
         ident = parse_uuid(uuid)
-        self._check_new(name, ident)
+        self.check_new(name, ident)
         _check_physical(physical_block_size, block_size)
         try:
             disk = dp.Disk.null(block_size, num_blocks)
@@ -117,7 +117,7 @@ class BdevRegistry:
                     uuid: str | None = None, readonly: bool = False, fallocate: bool = False) -> Bdev:
         """aio or uring: a regular file or block device."""
         ident = parse_uuid(uuid)
-        self._check_new(name, ident)
+        self.check_new(name, ident)
         try:
             disk = dp.Disk.file(filename, block_size, readonly)
         except OSError as exc:
@@ -144,8 +144,9 @@ class BdevRegistry:
         bdev.close()
         log.info("bdev %s deleted", bdev.name)
 
-    def config_entries(self) -> list[dict]:
-        entries = [{"method": "bdev_set_options", "params": dict(self.options)}]
+    def config_entries(self, setup: list[dict] = ()) -> list[dict]:
+        """save_config's bdev entries; setup (RBD clusters) goes before the first bdev."""
+        entries = [{"method": "bdev_set_options", "params": dict(self.options)}, *setup]
         for bdev in self._bdevs.values():
             entries.append(bdev.config_entry())
             qos = bdev.qos_config_entry()

@@ -95,7 +95,9 @@ class BdevNullCreate(MetadataParams):
     preferred_unmap_alignment: U32 = 0
 
 
-class BdevNullResize(Params):
+class BdevResize(Params):
+    """bdev_null_resize, bdev_rbd_resize."""
+
     name: str
     new_size: U64            # MiB
 
@@ -115,6 +117,31 @@ class BdevUringCreate(Params):
     name: str
     block_size: U32 = 0
     uuid: str | None = None
+
+
+class BdevRbdRegisterCluster(Params):
+    name: str
+    user_id: str | None = None               # without the "client." prefix
+    config_param: dict[str, str] | None = None
+    config_file: str | None = None
+    key_file: str | None = None
+    core_mask: str | None = None
+
+
+class BdevRbdGetClustersInfo(Params):
+    name: str | None = None
+
+
+class BdevRbdCreate(Params):
+    name: str | None = None
+    user_id: str | None = None
+    pool_name: str
+    rbd_name: str
+    block_size: U32
+    config: dict[str, str] | None = None     # present (even null): no config file is read
+    cluster_name: str | None = None
+    uuid: str | None = None
+    read_only: bool = False
 
 
 class BdevGetBdevs(Params):

@@ -40,6 +40,15 @@ left (SPDK re-queues the request until the controller is idle); deleting a scsi 
 its targets. A bdev used by a scsi target is claimed: it cannot be deleted or used by a second target
 until the target is removed. A bdev deleted under a blk controller is hot-removed: the guest's I/O
 fails, the controller stays.
+
+RBD (`bdev_rbd_*`, Ceph 16.2's librbd loaded at run time): params, results and codes are SPDK's.
+`config_param` and `config` are objects of string values. Where SPDK answers a bare -1, vhostd
+answers -1 with the reason after `Operation not permitted: ` (duplicate or unknown cluster, cluster
+in use, unreadable `config_file`/`key_file`, bad `core_mask`, connect/pool/image/open failures, an
+operation that did not finish within 30 s, librbd not installed). `bdev_rbd_get_clusters_info`
+without clusters or with an unknown name: -2; `bdev_rbd_create` with `block_size` 0: -22, a taken
+name: -17; `bdev_rbd_delete` of a missing or non-rbd bdev: -19; `bdev_rbd_resize` (MiB) of a
+missing bdev -19, of another kind or smaller than now -22.
 """
 
 

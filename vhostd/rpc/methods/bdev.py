@@ -50,8 +50,8 @@ def bdev_null_delete(app, p: P.NameOnly):
     return True
 
 
-@rpc_method("bdev_null_resize", result=bool, params=P.BdevNullResize)
-def bdev_null_resize(app, p: P.BdevNullResize):
+@rpc_method("bdev_null_resize", result=bool, params=P.BdevResize)
+def bdev_null_resize(app, p: P.BdevResize):
     """Grow a null bdev to new_size MiB."""
     bdev = app.bdevs.find(p.name)
     if bdev.module != "null":

@@ -147,4 +147,4 @@ def bdev_wait_for_examine(app, p):
     return True
 
 
-REGISTRY.subsystem("bdev", config_writer=lambda app: app.bdevs.config_entries())
+REGISTRY.subsystem("bdev", config_writer=lambda app: app.bdevs.config_entries(app.rbd.config_entries()))
