@@ -746,21 +746,26 @@ cdef class DriverMemory:
     cdef list _free
     cdef dict _used
 
-    def __cinit__(self, uint64_t size_bytes, uint32_t nregions=1, str name="vhostd-initiator"):
+    def __cinit__(self, uint64_t size_bytes, uint32_t nregions=1, str name="vhostd-initiator",
+                  bint hugepages=False):
         cdef uint64_t region
+        cdef uint64_t page = (2 << 20) if hugepages else 4096
         cdef uint32_t i
         cdef void *p
         self.fd = -1
         if nregions == 0 or nregions > 8:
             raise ValueError("between 1 and 8 memory regions (SET_MEM_TABLE's limit)")
-        region = (size_bytes + nregions * 4096 - 1) // (nregions * 4096) * 4096
+        region = (size_bytes + nregions * page - 1) // (nregions * page) * page
         if region == 0:
             raise ValueError("memory size must be positive")
         self.size = region * nregions
         self.mem = <guest_mem_t *>calloc(1, sizeof(guest_mem_t))
         if self.mem == NULL:
             raise MemoryError()
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        # hugepages: 2 MiB pages from the hugetlb pool, as QEMU's memory-backend-memfd,hugetlb=on
+        # gives a guest.  The back-end then maps each region 2 MiB-aligned, which SPDK's vhost
+        # needs: it registers whole 2 MiB pages around every region for its address translation.
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | ((os.MFD_HUGETLB | os.MFD_HUGE_2MB) if hugepages else 0))
         os.ftruncate(self.fd, self.size)
         p = mmap(NULL, self.size, PROT_READ | PROT_WRITE, MAP_SHARED, self.fd, 0)
         if p == MAP_FAILED:

@@ -54,6 +54,28 @@ def test_memory_regions_are_adjacent_views_of_one_memfd(memory):
     assert memory.read(s0 - 2, 4) == b"abcd"
 
 
+def free_hugepages() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(free_hugepages() < 4, reason="needs 4 free 2 MiB hugepages")
+def test_hugepage_memory_is_a_hugetlb_memfd_in_whole_2mib_pages_mapped_aligned():
+    mem = dp.DriverMemory(3 << 20, 1, hugepages=True)
+    try:
+        assert os.fstat(mem.fd).st_blksize == 2 << 20          # hugetlbfs reports its page size
+        assert mem.size == 4 << 20                               # rounded up to whole pages
+        (gpa, size, uaddr, offset) = mem.regions[0]
+        assert size == 4 << 20 and uaddr % (2 << 20) == 0
+        mem.write(mem.size - 4096, b"\x5a" * 4096)
+        assert mem.read(mem.size - 4096, 4096) == b"\x5a" * 4096
+    finally:
+        mem.close()
+
+
 def test_memory_allocator_reuses_freed_ranges(memory):
     a = memory.alloc(4096, 4096)
     b = memory.alloc(100)

@@ -54,6 +54,7 @@ class Workload:
     threads: int = 1                 # client threads; queues are dealt round-robin
     span_bytes: int = 0              # offsets below this (0: the whole device)
     memory_regions: int = 1
+    hugepages: bool = False          # guest memory of 2 MiB hugepages (QEMU's hugetlb=on)
     event_idx: bool = True
     indirect: bool = True
     indirect_mode: str = "auto"
@@ -187,7 +188,8 @@ class Device:
     def __init__(self, socket_path: str, kind: str, workload: Workload) -> None:
         self.kind = kind
         options = dict(num_queues=workload.queues, queue_size=workload.queue_size,
-                       memory_regions=workload.memory_regions, event_idx=workload.event_idx,
+                       memory_regions=workload.memory_regions, hugepages=workload.hugepages,
+                       event_idx=workload.event_idx,
                        indirect=workload.indirect, timeout_s=workload.timeout_s,
                        memory_bytes=self._memory_bytes(workload))
         if kind == "blk":
@@ -209,8 +211,7 @@ class Device:
     def _memory_bytes(w: Workload) -> int:
         slots = w.queue_size * 4096 * (w.queues + 2)
         data = w.queues * w.qd * ((w.block_bytes + 4095) // 4096 * 4096)
-        # Each region a multiple of 2 MiB, as a QEMU guest's RAM is: SPDK's vhost registers guest
-        # memory with its 2 MiB-page translation and refuses regions of any other size.
+        # Each region a multiple of 2 MiB, as a QEMU guest's RAM is (and hugepages need).
         unit = (2 << 20) * w.memory_regions
         return (slots + data + (16 << 20) + unit - 1) // unit * unit
 
@@ -395,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="qsd-file: cache.direct=on (O_DIRECT, as vhostd) or the page cache")
     ap.add_argument("--span", type=parse_size, default=0, help="offsets below this (default: whole disk)")
     ap.add_argument("--memory-regions", type=int, default=1)
+    ap.add_argument("--hugepages", choices=("auto", "on", "off"), default="auto",
+                    help="guest memory of 2 MiB hugepages, as QEMU's memory-backend-memfd,hugetlb=on; "
+                         "auto: on when an spdk-* target is measured (SPDK's vhost needs it), for "
+                         "every target of the run")
     ap.add_argument("--no-event-idx", action="store_true")
     ap.add_argument("--no-indirect", action="store_true")
     ap.add_argument("--indirect", choices=("never", "auto", "always"), default="auto",
@@ -404,6 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     return ap
+
+
+def wants_hugepages(args) -> bool:
+    if args.hugepages != "auto":
+        return args.hugepages == "on"
+    return bool(args.targets) and any(spec.strip().startswith("spdk-") for spec in args.targets.split(","))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                         ramp_s=args.ramp, interrupts=args.mode == "irq",
                         client_cpus=parse_cpus(args.client_cpus), threads=args.threads,
                         span_bytes=args.span, memory_regions=args.memory_regions,
+                        hugepages=wants_hugepages(args),
                         event_idx=not args.no_event_idx, indirect=not args.no_indirect,
                         indirect_mode=args.indirect, timeout_s=args.timeout)
     progress = None if args.quiet or args.json or not sys.stderr.isatty() else \
@@ -441,11 +453,17 @@ def main(argv: list[str] | None = None) -> int:
                 labels[spec] = target.label
                 try:
                     with target:
-                        result = run_workload(target.socket_path, target.kind, workload,
-                                              target.label, target.cpu_seconds, progress)
+                        try:
+                            result = run_workload(target.socket_path, target.kind, workload,
+                                                  target.label, target.cpu_seconds, progress)
+                        except TARGET_FAILURES as exc:
+                            exc.target_log = getattr(target, "log_tail", lambda: "")()
+                            raise
                 except TARGET_FAILURES as exc:
                     failures.append("%s (round %d): %s" % (spec, round_index + 1, exc))
                     print("vhostd-bench: %s failed: %s" % (spec, exc), file=sys.stderr)
+                    if getattr(exc, "target_log", "") and not args.quiet:
+                        print("vhostd-bench: the end of its log:\n%s" % exc.target_log, file=sys.stderr)
                     continue
                 result.round = round_index + 1
                 results.append(result)
@@ -457,9 +475,10 @@ def main(argv: list[str] | None = None) -> int:
                           "summary": [asdict(t) for t in summaries], "failures": failures}, indent=2))
     else:
         w = workload
-        print("%s bs=%d qd=%d queues=%d mode=%s time=%.0fs client-cpus=%s" % (
+        print("%s bs=%d qd=%d queues=%d mode=%s time=%.0fs client-cpus=%s memory=%s" % (
             w.rw if w.rw != "randrw" else "randrw(%d%% read)" % w.rwmixread, w.block_bytes, w.qd,
-            w.queues, args.mode, w.duration_s, args.client_cpus or "any"))
+            w.queues, args.mode, w.duration_s, args.client_cpus or "any",
+            "hugepages" if w.hugepages else "4k-pages"))
         print(format_table(results))
         if summaries:
             print()

@@ -67,7 +67,8 @@ class Frontend:
     device_features: device-specific feature bits this driver accepts (ring and transport bits
     are added here; event_idx/indirect=False withhold those).  protocol_features: the subset of
     PROTOCOL_FEATURES to acknowledge.  memory: a DriverMemory to use (kept by the caller), else
-    one of memory_bytes in memory_regions regions is created.  use_mem_slots: send memory with
+    one of memory_bytes in memory_regions regions is created (of 2 MiB hugepages if hugepages,
+    as a QEMU guest with hugetlb memory has).  use_mem_slots: send memory with
     ADD_MEM_REG when CONFIGURE_MEM_SLOTS is negotiated (else SET_MEM_TABLE).  ack_all: set
     NEED_REPLY on every request without a reply of its own once REPLY_ACK is negotiated (QEMU
     sets it only where §1.1 says).  call_fds=False sends SET_VRING_CALL without fd (polled
@@ -78,8 +79,8 @@ class Frontend:
                  device: int = dp.DEVICE_BLK, device_features: int = 0, event_idx: bool = True,
                  indirect: bool = True, protocol_features: int = PROTOCOL_FEATURES,
                  memory: dp.DriverMemory | None = None, memory_bytes: int = 64 << 20,
-                 memory_regions: int = 1, bounce_bytes: int = 0, slots: int = 0,
-                 use_mem_slots: bool = False,
+                 memory_regions: int = 1, hugepages: bool = False, bounce_bytes: int = 0,
+                 slots: int = 0, use_mem_slots: bool = False,
                  ack_all: bool = False, call_fds: bool = True, timeout_s: float = 5.0) -> None:
         if not 1 <= num_queues <= MAX_VQS:
             raise ValueError("between 1 and %d virtqueues" % MAX_VQS)
@@ -95,7 +96,7 @@ class Frontend:
         self.use_mem_slots = use_mem_slots
         self.ack_all = ack_all
         self.own_memory = memory is None
-        self.memory = memory if memory is not None else dp.DriverMemory(memory_bytes, memory_regions)
+        self.memory = memory if memory is not None else dp.DriverMemory(memory_bytes, memory_regions, hugepages=hugepages)
         self.vqs: list[Vq] = []
         for index in range(num_queues):
             queue = dp.DriverQueue(self.memory, index, queue_size, device=device,
