@@ -1,4 +1,4 @@
-# Block devices: malloc (anonymous memory), null (writes discarded, reads zero), file (a regular
+# Block devices: malloc (anonymous memory), null (writes discarded, reads move no data), file (a regular
 # file or block device through io_uring), virtio (another target) and rbd (librbd, rbd.pxi).
 # One request type (bdev_io_t), one entry point
 # (bdev_submit) and one completion path (bdev_io_finish) for every kind; the per-I/O code holds no
@@ -333,9 +333,8 @@ cdef void _memory_execute(bdev_t *b, bdev_io_t *io) noexcept nogil:
             for i in range(io.iovcnt):
                 memcpy(io.iov[i].iov_base, p, io.iov[i].iov_len)
                 p += io.iov[i].iov_len
-        else:
-            for i in range(io.iovcnt):
-                memset(io.iov[i].iov_base, 0, io.iov[i].iov_len)
+        # A null disk's read moves no data, as SPDK's null bdev ("undefined data for reads"): the
+        # guest's buffer keeps what it held, which was the guest's own memory.
     elif io.op == OP_WRITE:
         if b.kind == BDEV_MALLOC:
             p = b.data + io.offset
@@ -622,7 +621,8 @@ cdef class Disk:
 
     @staticmethod
     def null(uint32_t block_size, uint64_t num_blocks):
-        """A disk that discards writes and reads back zeros."""
+        """A disk that discards writes and whose reads leave the buffer as it was (SPDK's null
+        bdev: "undefined data for reads"), so that it measures everything but the data."""
         Disk._check_geometry(block_size, num_blocks)
         cdef Disk d = Disk.__new__(Disk)
         d.bdev.kind = BDEV_NULL

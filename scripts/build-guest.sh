@@ -230,7 +230,8 @@ for name in $(names); do
         [ -s "$dev/serial" ] && serial=$(cat "$dev/serial")
     fi
     say "disk $name size_bytes=$(size_bytes "$name") hctl=$hctl serial=$serial model=$model"
-    # A null disk drops what is written and reads zeros: that is what it must show.
+    # A null disk drops what is written and its reads move no data (SPDK's null bdev): the
+    # check's fresh, zero-filled buffer must come back unchanged.
     expect=$seed
     case "$model" in *"Null disk") expect=zero ;; esac
     if ! result=$(vhd-pattern write $seed "/dev/$name" 0 4M -b 1M -d 2>&1) \

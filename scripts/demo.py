@@ -10,7 +10,7 @@ on each with O_DIRECT, then timed 4 KiB random reads on all disks at once. vhost
 host's side of the IOPS. Then QEMU (the guest powers off) and vhostd (SIGTERM) are stopped.
 
 The exit status is 0 only if every step worked: the guest saw every disk at its bdev's size, each
-disk held what was written (a null disk: zeros), every job and every controller moved I/O, and both
+disk held what was written (a null disk: reads leave the buffer untouched), every job and every controller moved I/O, and both
 processes ended cleanly. On a failure the tails of the guest's console and of vhostd's log are
 printed and the work directory is kept.
 
@@ -340,7 +340,7 @@ class Demo:
         jobs = [("disk", "guest IOPS", "host IOPS (bdev_get_iostat)")]
         for disk in self.report.disks.values():
             where, bdev = self.disk_bdev(disk)
-            read_back = "zeros (null disk)" if disk.expect == "zero" else "pattern %s" % disk.expect
+            read_back = "buffer unchanged (null disk)" if disk.expect == "zero" else "pattern %s" % disk.expect
             rows.append((disk.name, where, bdev, mib(disk.size_bytes), disk.model, "pattern %s, %s: %s" % (
                 disk.wrote, read_back, "verified" if disk.verified else "FAILED " + disk.check)))
             host_iops = (after.bdev_ops[bdev] - before.bdev_ops[bdev]) / seconds

@@ -40,10 +40,10 @@ def test_written_data_reads_back(ctx, image, kind):
     assert ctx.read(disk, 0, 512) == bytes(512)
 
 
-def test_null_disk_discards_writes_and_reads_zeros(ctx, image):
+def test_null_disk_discards_writes_and_its_reads_leave_the_buffer_unchanged(ctx, image):
     disk = make_disk("null", image)
     ctx.write(disk, 0, b"\xff" * 4096)
-    assert ctx.read(disk, 0, 4096) == bytes(4096)
+    assert ctx.read(disk, 0, 4096) == bytes(4096)        # read's fresh buffer is zeros; untouched
 
 
 def test_file_disk_data_is_in_the_file_after_flush(ctx, image):

@@ -106,7 +106,14 @@ class _Process(_Target):
         """CPU time the target has used so far."""
         return proc_cpu_seconds(self.pid) if self.pid is not None else None
 
+    # A command to run the target under (valgrind …, perf record …): put before the target's own
+    # binary, after a ``taskset -c CPUS`` prefix so that the tool is what gets pinned.
+    wrapper: list[str] = []
+
     def _spawn(self, command: list[str], env: dict[str, str] | None = None) -> None:
+        if self.wrapper:
+            at = 3 if command[0] == "taskset" else 0
+            command = command[:at] + list(self.wrapper) + command[at:]
         self.command = command
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -35,7 +35,8 @@ def bdev_malloc_delete(app, p: P.NameOnly):
 
 @rpc_method("bdev_null_create", result=str, params=P.BdevNullCreate, aliases=("construct_null_bdev",))
 def bdev_null_create(app, p: P.BdevNullCreate):
-    """A disk that discards writes and reads zeros; returns its name."""
+    """A disk that discards writes and whose reads move no data (SPDK: "undefined data"); returns
+    its name."""
     _no_metadata(p)
     preferred = p.model_dump(include={"preferred_write_granularity", "preferred_write_alignment",
                                       "optimal_write_size", "preferred_unmap_granularity",
