@@ -1,6 +1,9 @@
-"""A real QEMU guest on vhost-user-blk over a Ceph RBD image served by vhostd."""
+"""A real QEMU guest on vhost-user-blk and vhost-user-scsi over a Ceph RBD image served by vhostd,
+and the guest seeing the image grow with bdev_rbd_resize while it runs."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -17,9 +20,7 @@ def test_guest_writes_and_reads_an_rbd_image(ceph_cluster, rbd_image, vhostd, bo
                                              guest_image, tmp_path):
     image = rbd_image(32 * MIB)
     d = vhostd()
-    d.spdk("bdev_rbd_register_cluster", "c0", "--user", "admin", "--config-file",
-           str(ceph_cluster.conf))
-    d.spdk("bdev_rbd_create", "-b", "Rbd0", "-c", "c0", "rbd", image, "512")
+    rbd_bdev(d, ceph_cluster, image)
     d.spdk("vhost_create_blk_controller", "vhost.0", "Rbd0")
     guest = boot_guest(devices=[VhostUserDevice("blk", d.socket_dir / "vhost.0", num_queues=2)],
                        smp=2)
@@ -38,3 +39,36 @@ def test_guest_writes_and_reads_an_rbd_image(ceph_cluster, rbd_image, vhostd, bo
     guest_image.patterns.check_file(exported, SEED, 20 * MIB, MIB)
     guest_image.patterns.check_file(exported, "zero", 0, 8 * MIB)
     guest_image.patterns.check_file(exported, "zero", 12 * MIB, 8 * MIB)
+
+
+def rbd_bdev(d, ceph_cluster, image: str, name: str = "Rbd0") -> None:
+    d.spdk("bdev_rbd_register_cluster", "c0", "--user", "admin", "--config-file",
+           str(ceph_cluster.conf))
+    d.spdk("bdev_rbd_create", "-b", name, "-c", "c0", "rbd", image, "512")
+
+
+def wait_for_guest_size(guest, sysfs_size: str, size_bytes: int, what: str) -> float:
+    """Poll the guest's sectors count until it says size_bytes; returns how long that took."""
+    started = time.monotonic()
+    guest.wait_in_guest(f'[ "$(cat {sysfs_size})" = "{size_bytes // 512}" ]', 30.0,
+                        f"{what} did not reach {size_bytes} bytes")
+    return time.monotonic() - started
+
+
+def test_bdev_rbd_resize_under_a_running_blk_guest_changes_its_disk_size(
+        ceph_cluster, rbd_image, vhostd, boot_guest):
+    image = rbd_image(32 * MIB)
+    d = vhostd()
+    rbd_bdev(d, ceph_cluster, image)
+    d.spdk("vhost_create_blk_controller", "vhost.0", "Rbd0")
+    guest = boot_guest(devices=[VhostUserDevice("blk", d.socket_dir / "vhost.0")])
+    assert guest.block_device_sizes()["vda"] == 32 * MIB
+    d.spdk("bdev_rbd_resize", "Rbd0", "48")
+    took_s = wait_for_guest_size(guest, "/sys/block/vda/size", 48 * MIB, "/dev/vda")
+    print("guest saw vda grow 32 -> 48 MiB within %.1f s" % took_s)
+    assert "capacity change" in guest.dmesg()
+    assert ceph_cluster.image_size(image) == 48 * MIB
+    # The new blocks take data: a pattern written past the old end reads back.
+    guest.write_pattern("/dev/vda", SEED, 40 * MIB, MIB, direct=True)
+    guest.check_pattern("/dev/vda", SEED, 40 * MIB, MIB, direct=True)
+    assert guest.poweroff() == 0

@@ -72,5 +72,5 @@ async def bdev_rbd_delete(app, p: P.NameOnly):
 async def bdev_rbd_resize(app, p: P.BdevResize):
     """Grow the image to new_size MiB; the bdev's block count follows."""
     bdev = await app.rbd.resize(p.name, p.new_size)
-    app.bdev_resized(bdev)
+    await app.bdev_resized(bdev)
     return True
