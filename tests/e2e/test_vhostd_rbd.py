@@ -72,3 +72,49 @@ def test_bdev_rbd_resize_under_a_running_blk_guest_changes_its_disk_size(
     guest.write_pattern("/dev/vda", SEED, 40 * MIB, MIB, direct=True)
     guest.check_pattern("/dev/vda", SEED, 40 * MIB, MIB, direct=True)
     assert guest.poweroff() == 0
+
+
+def boot_scsi_guest_on_rbd(ceph_cluster, rbd_image, vhostd, boot_guest, size_bytes: int):
+    """A guest whose vhost-user-scsi controller has an RBD image as target 0; returns (daemon,
+    guest, image, disk name in the guest)."""
+    image = rbd_image(size_bytes)
+    d = vhostd()
+    rbd_bdev(d, ceph_cluster, image)
+    d.spdk("vhost_create_scsi_controller", "vhost.0")
+    d.spdk("vhost_scsi_controller_add_target", "vhost.0", "0", "Rbd0")
+    guest = boot_guest(devices=[VhostUserDevice("scsi", d.socket_dir / "vhost.0")])
+    (disk,) = [name for name in guest.block_device_sizes() if name.startswith("sd")]
+    return d, guest, image, disk
+
+
+def test_guest_writes_and_reads_an_rbd_image_over_vhost_user_scsi(ceph_cluster, rbd_image, vhostd,
+                                                                  boot_guest, guest_image, tmp_path):
+    d, guest, image, disk = boot_scsi_guest_on_rbd(ceph_cluster, rbd_image, vhostd, boot_guest, 32 * MIB)
+    dev = "/dev/" + disk
+    assert guest.block_device_sizes()[disk] == 32 * MIB
+    guest.write_pattern(dev, SEED, 8 * MIB, PATTERN_BYTES, direct=True, chunk_bytes=MIB)
+    guest.check("echo 3 > /proc/sys/vm/drop_caches")
+    guest.check_pattern(dev, SEED, 8 * MIB, PATTERN_BYTES, direct=True)
+    assert guest.poweroff() == 0
+    d.spdk("vhost_delete_controller", "vhost.0")
+    d.spdk("bdev_rbd_delete", "Rbd0")
+    exported = tmp_path / "image.raw"
+    exported.write_bytes(ceph_cluster.export_image(image))
+    guest_image.patterns.check_file(exported, SEED, 8 * MIB, PATTERN_BYTES)
+    guest_image.patterns.check_file(exported, "zero", 0, 8 * MIB)
+    guest_image.patterns.check_file(exported, "zero", 12 * MIB, 20 * MIB)
+
+
+def test_bdev_rbd_resize_under_a_running_scsi_guest_is_seen_after_a_rescan(
+        ceph_cluster, rbd_image, vhostd, boot_guest):
+    d, guest, image, disk = boot_scsi_guest_on_rbd(ceph_cluster, rbd_image, vhostd, boot_guest, 32 * MIB)
+    d.spdk("bdev_rbd_resize", "Rbd0", "48")
+    guest.check(f"echo 1 > /sys/block/{disk}/device/rescan")
+    took_s = wait_for_guest_size(guest, f"/sys/block/{disk}/size", 48 * MIB, "/dev/" + disk)
+    print("guest saw %s grow 32 -> 48 MiB within %.1f s of the rescan" % (disk, took_s))
+    log = guest.dmesg()
+    print("\n".join(line for line in log.splitlines() if "apacity" in line))
+    assert "Capacity data has changed" in log          # the unit attention reached the guest
+    guest.write_pattern("/dev/" + disk, SEED, 40 * MIB, MIB, direct=True)
+    guest.check_pattern("/dev/" + disk, SEED, 40 * MIB, MIB, direct=True)
+    assert guest.poweroff() == 0
