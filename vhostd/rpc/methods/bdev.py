@@ -52,7 +52,8 @@ def bdev_null_delete(app, p: P.NameOnly):
 
 @rpc_method("bdev_null_resize", result=bool, params=P.BdevResize)
 async def bdev_null_resize(app, p: P.BdevResize):
-    """Grow a null bdev to new_size MiB."""
+    """Grow a null bdev to new_size MiB; guests see the new size (blk: config-change message to
+    the front-end, scsi: UNIT ATTENTION 2A/09 on its next command)."""
     bdev = app.bdevs.find(p.name)
     if bdev.module != "null":
         raise InvalidArgument("%s is not a null bdev" % p.name)
