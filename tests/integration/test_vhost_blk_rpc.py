@@ -67,6 +67,19 @@ def test_resizing_a_null_bdev_sends_config_change_and_get_config_shows_the_new_c
         assert dev.read((40 << 20) // 512, 4096) == bytes(4096)
 
 
+def test_an_aio_rescan_of_a_grown_file_is_announced_like_a_resize(daemon, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(8 << 20))
+    d = daemon()
+    d.spdk("bdev_aio_create", str(image), "A0", "512")
+    d.spdk("vhost_create_blk_controller", "vhost.0", "A0")
+    with VirtioBlk(str(d.socket_dir / "vhost.0"), protocol_features=PROTOCOL_FEATURES).open() as dev:
+        os.truncate(image, 24 << 20)
+        d.spdk("bdev_aio_rescan", "A0")
+        assert dev.frontend.backend_request(timeout_s=10.0).request == p.BackendRequest.CONFIG_CHANGE_MSG
+        assert dev.read_config().size_bytes == 24 << 20
+
+
 def test_a_front_end_without_backend_req_still_reads_the_new_capacity(daemon):
     d = daemon()
     d.spdk("bdev_null_create", "N0", "16", "512")

@@ -207,16 +207,18 @@ class Connection:
         self.backend = Transport(sock)
 
     async def _send_backend_request(self, effect: s.SendBackendRequest) -> None:
-        if self.backend is None:
+        backend = self.backend
+        if backend is None:
             return
         try:
-            await self.backend.send(p.encode_backend_request(effect.request, effect.payload))
+            await backend.send(p.encode_backend_request(effect.request, effect.payload))
         except (ConnectionClosed, OSError) as exc:
             # The main socket decides whether the front-end is gone; without the channel it
             # only misses notifications (it reads the new config at its next GET_CONFIG).
             log.warning("%s: back-end request channel failed, closing it: %s", self.name, exc)
-            self.backend.close()
-            self.backend = None
+            backend.close()
+            if self.backend is backend:      # not replaced by a SET_BACKEND_REQ_FD meanwhile
+                self.backend = None
 
     async def config_changed(self) -> None:
         """The device's config space changed: notify the front-end if the session can."""
