@@ -363,6 +363,7 @@ cdef struct scsi_target_t:
     bdev_t *bdev
     uint32_t state           # SCSI_TARGET_*, stored by the control plane (sequentially consistent)
     uint32_t inflight        # commands past the target check and not yet completed (atomic)
+    uint32_t unit_attention  # asc << 8 | ascq of a unit attention to report, 0 none (atomic)
     uint8_t uuid[16]         # the bdev's uuid: VPD 0x83 identifiers derive from it
     uint32_t readonly
     uint32_t unmap           # the bdev supports unmap (thin provisioning)

@@ -46,6 +46,7 @@ cdef extern from *:
     static inline uint32_t vhd_add_u32_sc(uint32_t *p, int32_t v) { return __atomic_add_fetch(p, (uint32_t)v, __ATOMIC_SEQ_CST); }
     static inline uint32_t vhd_load_u32_sc(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
     static inline void vhd_store_u32_sc(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+    static inline uint32_t vhd_exchange_u32_sc(uint32_t *p, uint32_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
     static inline int vhd_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired) {
         return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
     }
@@ -71,6 +72,7 @@ cdef extern from *:
     uint32_t vhd_add_u32_sc(uint32_t *p, int32_t v) nogil
     uint32_t vhd_load_u32_sc(const uint32_t *p) nogil
     void vhd_store_u32_sc(uint32_t *p, uint32_t v) nogil
+    uint32_t vhd_exchange_u32_sc(uint32_t *p, uint32_t v) nogil
     void vhd_store_u32(uint32_t *p, uint32_t v) nogil
     uint64_t vhd_load_u64(const uint64_t *p) nogil
     void vhd_store_u64(uint64_t *p, uint64_t v) nogil

@@ -58,6 +58,7 @@ cdef enum:
     SK_MEDIUM_ERROR = 0x3
     SK_HARDWARE_ERROR = 0x4
     SK_ILLEGAL_REQUEST = 0x5
+    SK_UNIT_ATTENTION = 0x6
     SK_DATA_PROTECT = 0x7
     ASC_NONE = 0x00
     ASC_WRITE_ERROR = 0x0C
@@ -69,6 +70,8 @@ cdef enum:
     ASC_LUN_NOT_SUPPORTED = 0x25
     ASC_INVALID_FIELD_IN_PARAMETER_LIST = 0x26
     ASC_WRITE_PROTECTED = 0x27
+    ASC_PARAMETERS_CHANGED = 0x2A
+    ASCQ_CAPACITY_DATA_CHANGED = 0x09
     ASC_SAVING_PARAMETERS_NOT_SUPPORTED = 0x39
     ASC_MEDIUM_NOT_PRESENT = 0x3A
     ASC_INTERNAL_TARGET_FAILURE = 0x44
@@ -750,9 +753,35 @@ cdef void _scsi_persistent_reserve_in(task_t *task, const uint8_t *cdb) noexcept
     _scsi_data_in(task, buf, 8, _be16(cdb + 7))
 
 
+cdef bint _scsi_unit_attention(task_t *task, scsi_target_t *t, const uint8_t *cdb) noexcept nogil:
+    """Report a pending unit attention instead of running the command, once (SAM-5 §5.14: the
+    one initiator of a virtio-scsi device is its only I_T nexus).  INQUIRY and REPORT LUNS run and
+    leave it pending; REQUEST SENSE returns it as its data.  True if the command was answered."""
+    cdef uint8_t opcode = cdb[0]
+    cdef uint8_t buf[FIXED_SENSE_BYTES]
+    cdef uint32_t code
+    if opcode == OPC_INQUIRY or opcode == OPC_REPORT_LUNS or \
+            (opcode == OPC_REQUEST_SENSE and cdb[1] & 0x01):
+        return False
+    if vhd_load_u32_sc(&t.unit_attention) == 0:
+        return False
+    code = vhd_exchange_u32_sc(&t.unit_attention, 0)
+    if code == 0:
+        return False           # another queue's command reported it meanwhile
+    if opcode == OPC_REQUEST_SENSE:
+        scsi_build_fixed_sense(buf, SK_UNIT_ATTENTION, <uint8_t>(code >> 8), <uint8_t>code)
+        _scsi_data_in(task, buf, FIXED_SENSE_BYTES, cdb[4])
+    else:
+        scsi_check_condition(task, SK_UNIT_ATTENTION, <uint8_t>(code >> 8), <uint8_t>code)
+    scsi_finish(task)
+    return True
+
+
 cdef void scsi_execute(vq_t *vq, task_t *task, scsi_target_t *t, const uint8_t *cdb) noexcept nogil:
     """Run one CDB on LUN 0 of a target: the table from opcode to handler."""
     cdef uint8_t opcode = cdb[0]
+    if _scsi_unit_attention(task, t, cdb):
+        return
     if opcode == OPC_READ_10 or opcode == OPC_WRITE_10 or opcode == OPC_READ_16 \
             or opcode == OPC_WRITE_16 or opcode == OPC_READ_6 or opcode == OPC_WRITE_6 \
             or opcode == OPC_READ_12 or opcode == OPC_WRITE_12:
@@ -1110,6 +1139,7 @@ cdef class ScsiDevice:
         t.readonly = readonly
         t.unmap = 1
         t.inflight = 0
+        t.unit_attention = 0
         memset(t.serial, 0, SCSI_SERIAL_LEN)
         memcpy(t.serial, <char *>serial, min(len(serial), SCSI_SERIAL_LEN))
         memset(t.product, 0x20, 16)
@@ -1144,6 +1174,14 @@ cdef class ScsiDevice:
         self.disks[index] = None
         t.bdev = NULL
         vhd_store_u32_sc(&t.state, SCSI_TARGET_EMPTY)
+
+    def report_capacity_changed(self, int index):
+        """The disk of target index changed size: its next command (other than INQUIRY and REPORT
+        LUNS) gets UNIT ATTENTION, CAPACITY DATA HAS CHANGED."""
+        if not 0 <= index < MAX_SCSI_TARGETS:
+            raise ValueError("target %d out of range" % index)
+        vhd_store_u32_sc(&self.dev.targets[index].unit_attention,
+                         ASC_PARAMETERS_CHANGED << 8 | ASCQ_CAPACITY_DATA_CHANGED)
 
     def target_state(self, int index):
         return ("empty", "active", "removing")[vhd_load_u32_sc(&self.dev.targets[index].state)]

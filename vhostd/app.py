@@ -212,8 +212,10 @@ class App:
         """Stable ids for controller threads (app_thread is 1)."""
         return self._thread_ids.setdefault(name, len(self._thread_ids) + 2)
 
-    def bdev_resized(self, bdev) -> None:
+    async def bdev_resized(self, bdev) -> None:
+        """A bdev's block count changed: its controllers tell their front-ends."""
         log.info("bdev %s now has %d blocks", bdev.name, bdev.num_blocks)
+        await self.vhost.bdev_resized(bdev)
 
     async def attach_virtio_blk(self, name: str, socket_path: str, vq_count: int, vq_size: int) -> str:
         """bdev_virtio_attach_controller for a vhost-user-blk target: one bdev named name."""

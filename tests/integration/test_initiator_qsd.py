@@ -12,7 +12,7 @@ import pytest
 from vhostd import _dataplane as dp
 from vhostd.initiator import blk
 from vhostd.initiator.blk import VirtioBlk
-from vhostd.initiator.frontend import PROTOCOL_FEATURES
+from vhostd.initiator.frontend import DEFAULT_PROTOCOL_FEATURES
 from vhostd.initiator.targets import QsdTarget
 from vhostd.vhost.features import BlkFeature, ProtocolFeature, VirtioFeature, bit
 
@@ -44,7 +44,7 @@ def open_disk(target, **options):
 def test_negotiation_acks_only_offered_features_this_front_end_implements(qsd_null):
     with open_disk(qsd_null) as disk:
         fe = disk.frontend
-        assert fe.protocol == fe.offered_protocol & PROTOCOL_FEATURES
+        assert fe.protocol == fe.offered_protocol & DEFAULT_PROTOCOL_FEATURES
         assert fe.has_protocol(ProtocolFeature.CONFIG) and fe.has_protocol(ProtocolFeature.REPLY_ACK)
         assert fe.features & ~fe.offered_features == 0
         assert not fe.features & bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES)

@@ -13,7 +13,9 @@ import pytest
 from tests.helpers.daemon import SpdkRpcError
 from tests.helpers.waiting import wait_for
 from vhostd.initiator.blk import VirtioBlk
+from vhostd.initiator.frontend import PROTOCOL_FEATURES
 from vhostd.rpc.client import RpcCallError
+from vhostd.vhost import protocol as p
 
 
 def rpc_error(d, method, **params):
@@ -47,6 +49,45 @@ def test_blk_controller_serves_io_and_reports_it(daemon):
     config = d.spdk("framework_get_config", "vhost_blk")
     assert config == [{"method": "vhost_create_blk_controller", "params": {
         "ctrlr": "vhost.0", "dev_name": "M0", "cpumask": "1", "readonly": False, "transport": "vhost_user_blk"}}]
+
+
+def test_resizing_a_null_bdev_sends_config_change_and_get_config_shows_the_new_capacity(daemon):
+    d = daemon()
+    d.spdk("bdev_null_create", "N0", "16", "512")
+    d.spdk("vhost_create_blk_controller", "vhost.0", "N0")
+    sock = str(d.socket_dir / "vhost.0")
+    with VirtioBlk(sock, protocol_features=PROTOCOL_FEATURES).open() as dev:
+        assert dev.frontend.backend_requests is not None and dev.config.size_bytes == 16 << 20
+        d.spdk("bdev_null_resize", "N0", "48")
+        msg = dev.frontend.backend_request(timeout_s=10.0)
+        assert (msg.request, msg.flags, msg.payload) == (p.BackendRequest.CONFIG_CHANGE_MSG, p.VERSION, b"")
+        assert dev.read_config().size_bytes == 48 << 20
+        # Blocks past the old end are served now (a null disk reads zeroes).
+        dev.write((40 << 20) // 512, b"\x5a" * 4096)
+        assert dev.read((40 << 20) // 512, 4096) == bytes(4096)
+
+
+def test_an_aio_rescan_of_a_grown_file_is_announced_like_a_resize(daemon, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(8 << 20))
+    d = daemon()
+    d.spdk("bdev_aio_create", str(image), "A0", "512")
+    d.spdk("vhost_create_blk_controller", "vhost.0", "A0")
+    with VirtioBlk(str(d.socket_dir / "vhost.0"), protocol_features=PROTOCOL_FEATURES).open() as dev:
+        os.truncate(image, 24 << 20)
+        d.spdk("bdev_aio_rescan", "A0")
+        assert dev.frontend.backend_request(timeout_s=10.0).request == p.BackendRequest.CONFIG_CHANGE_MSG
+        assert dev.read_config().size_bytes == 24 << 20
+
+
+def test_a_front_end_without_backend_req_still_reads_the_new_capacity(daemon):
+    d = daemon()
+    d.spdk("bdev_null_create", "N0", "16", "512")
+    d.spdk("vhost_create_blk_controller", "vhost.0", "N0")
+    with VirtioBlk(str(d.socket_dir / "vhost.0")).open() as dev:
+        assert dev.frontend.backend_requests is None
+        d.spdk("bdev_null_resize", "N0", "32")
+        assert dev.read_config().size_bytes == 32 << 20
 
 
 def test_blk_controller_errors(daemon):

@@ -156,6 +156,12 @@ CLOSING_CASES = {
     "inflight fd the front-end could shrink": lambda peer: (
         peer.request(Request.SET_PROTOCOL_FEATURES, p.encode_u64(bit(ProtocolFeature.INFLIGHT_SHMFD))),
         peer.request(Request.SET_INFLIGHT_FD, p.InflightInfo(4096, 0, 1, 64).encode(), [memfd(4096)])),
+    "back-end request fd that is not a socket": lambda peer: (
+        peer.request(Request.SET_PROTOCOL_FEATURES, p.encode_u64(bit(ProtocolFeature.BACKEND_REQ))),
+        peer.request(Request.SET_BACKEND_REQ_FD, fds=[memfd(8)])),
+    "back-end request channel without its fd": lambda peer: (
+        peer.request(Request.SET_PROTOCOL_FEATURES, p.encode_u64(bit(ProtocolFeature.BACKEND_REQ))),
+        peer.request(Request.SET_BACKEND_REQ_FD)),
 }
 
 
@@ -187,6 +193,32 @@ def test_refused_requests_get_a_negative_ack_and_the_connection_survives(target)
     peer.request(Request.GET_FEATURES)
     assert peer.reply()[0] == Request.GET_FEATURES
     peer.close()
+    check_serves(target)
+
+
+def test_back_end_request_channels_replaced_or_left_behind_are_closed(target):
+    wait_idle(target)
+    fds = fd_count()
+    peer = negotiated(target)
+    flags = p.VERSION | p.FLAG_NEED_REPLY
+    peer.request(Request.SET_PROTOCOL_FEATURES,
+                 p.encode_u64(bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.BACKEND_REQ)))
+    ours = []
+    for _ in range(5):
+        mine, theirs = socket.socketpair()
+        ours.append(mine)
+        peer.request(Request.SET_BACKEND_REQ_FD, fds=[theirs.detach()], flags=flags)
+        assert ack(peer) == 0
+    for old in ours[:-1]:          # each replaced channel was closed by the back-end
+        old.settimeout(5)
+        assert old.recv(1) == b""
+    peer.close()
+    wait_idle(target)
+    ours[-1].settimeout(5)
+    assert ours[-1].recv(1) == b""     # and the last one with the connection
+    for sock in ours:
+        sock.close()
+    assert fd_count() <= fds
     check_serves(target)
 
 

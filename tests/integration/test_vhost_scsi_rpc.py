@@ -56,6 +56,23 @@ def test_scsi_controller_targets_and_reporting_through_spdk_rpc(daemon):
     assert d.spdk("bdev_get_bdevs", "-b", "M0")[0]["claimed"] is False
 
 
+def test_resizing_a_target_bdev_gives_one_capacity_unit_attention_then_the_new_size(daemon):
+    d = daemon()
+    d.spdk("bdev_null_create", "N0", "16", "512")
+    d.spdk("bdev_null_create", "N1", "16", "512")
+    d.spdk("vhost_create_scsi_controller", "vhost.0")
+    d.spdk("vhost_scsi_controller_add_target", "vhost.0", "0", "N0")
+    d.spdk("vhost_scsi_controller_add_target", "vhost.0", "1", "N1")
+    with open_scsi(d, "vhost.0") as dev:
+        assert dev.read_capacity(0) == (32768, 512)
+        d.spdk("bdev_null_resize", "N0", "48")
+        assert dev.test_unit_ready(1).ok                       # another target: nothing to report
+        result = dev.test_unit_ready(0)
+        assert result.sense_key_asc_ascq == (6, 0x2A, 0x09)   # CAPACITY DATA HAS CHANGED
+        assert dev.test_unit_ready(0).ok                       # once
+        assert dev.read_capacity(0) == (48 * 2048, 512)
+
+
 def test_scsi_rpc_errors_match_spdk(daemon):
     d = daemon()
     d.spdk("bdev_malloc_create", "-b", "M0", "8", "512")

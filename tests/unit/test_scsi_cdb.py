@@ -224,6 +224,67 @@ def test_read_capacity_10_and_16(rig):
     check(r.command(bytes([0x9E, 0x11]) + bytes(14), data_in_len=32), 5, 0x24)
 
 
+# -- capacity changes: unit attention -------------------------------------------------------------
+READ_CAPACITY_10 = bytes([0x25]) + bytes(9)
+UNIT_ATTENTION, CAPACITY_DATA_HAS_CHANGED = 6, (0x2A, 0x09)
+
+
+def grown_rig(rig):
+    """Target 0 a null disk of 1000 blocks grown to 3000 and reported; target 1 untouched."""
+    disk = dp.Disk.null(512, 1000)
+    r = rig({0: disk, 1: dp.Disk.null(512, 1000)})
+    disk.resize(3000)
+    r.device.report_capacity_changed(0)
+    return r
+
+
+def test_a_capacity_change_is_reported_once_to_the_next_command_then_read_capacity_has_it(rig):
+    r = grown_rig(rig)
+    check(r.command(bytes(6)), UNIT_ATTENTION, *CAPACITY_DATA_HAS_CHANGED)
+    assert r.command(bytes(6)).status == GOOD
+    res = r.command(READ_CAPACITY_10, data_in_len=8)
+    assert res.status == GOOD and struct.unpack(">II", res.data) == (2999, 512)
+
+
+def test_the_unit_attention_is_only_for_the_resized_target(rig):
+    r = grown_rig(rig)
+    assert r.command(bytes(6), target=1).status == GOOD
+    check(r.command(READ_CAPACITY_10, data_in_len=8), UNIT_ATTENTION, *CAPACITY_DATA_HAS_CHANGED)
+
+
+def test_a_read_gets_the_unit_attention_and_moves_no_data(rig):
+    r = grown_rig(rig)
+    res = r.command(cdb_rw16(0x88, 0, 1), data_in_len=512)
+    check(res, UNIT_ATTENTION, *CAPACITY_DATA_HAS_CHANGED)
+    assert res.resid == 512
+    assert r.command(cdb_rw16(0x88, 2000, 1), data_in_len=512).status == GOOD   # past the old end
+
+
+def test_inquiry_and_report_luns_leave_the_unit_attention_pending(rig):
+    r = grown_rig(rig)
+    assert r.command(bytes([0x12, 0, 0, 0, 36, 0]), data_in_len=36).status == GOOD
+    assert r.command(bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0]), data_in_len=16).status == GOOD
+    check(r.command(bytes(6)), UNIT_ATTENTION, *CAPACITY_DATA_HAS_CHANGED)
+
+
+def test_request_sense_returns_the_unit_attention_as_its_data_and_clears_it(rig):
+    r = grown_rig(rig)
+    res = r.command(bytes([0x03, 0, 0, 0, 18, 0]), data_in_len=18)
+    assert res.status == GOOD
+    assert (res.data[0], res.data[2], res.data[12], res.data[13]) == (0x70, UNIT_ATTENTION, 0x2A, 0x09)
+    res = r.command(bytes([0x03, 0, 0, 0, 18, 0]), data_in_len=18)
+    assert res.status == GOOD and res.data[2] == 0 and res.data[12] == 0
+    assert r.command(bytes(6)).status == GOOD
+
+
+def test_a_new_target_in_the_slot_starts_without_the_old_unit_attention(rig):
+    r = grown_rig(rig)
+    r.device.begin_remove(0)
+    r.device.finish_remove(0)
+    r.device.set_target(0, dp.Disk.malloc(512, 16), b"again", b"Malloc disk", UUID.bytes)
+    assert r.command(bytes(6)).status == GOOD
+
+
 # -- READ / WRITE -------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [6, 10, 12, 16])
 def test_read_write_every_cdb_size_round_trips(rig, size):

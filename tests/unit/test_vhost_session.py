@@ -275,3 +275,65 @@ def test_reader_reassembles_split_messages():
     reader.feed(data[5:])
     msg = reader.next_message()
     assert (msg.request, p.decode_u64(msg.payload)) == (Request.SET_FEATURES, 5)
+
+
+# -- back-end request channel and config changes ---------------------------------------------
+BACKEND_PROTOCOL = FakeDevice.protocol_features | bit(ProtocolFeature.BACKEND_REQ)
+
+
+def backend_session():
+    device = FakeDevice()
+    device.protocol_features = BACKEND_PROTOCOL
+    return s.Session(device)
+
+
+def test_set_backend_req_fd_hands_the_socket_to_the_connection_and_acks():
+    session = backend_session()
+    negotiate(session, BACKEND_PROTOCOL)
+    fd = eventfd()
+    effects = session.receive(message(Request.SET_BACKEND_REQ_FD, fds=[fd], need_reply=True))
+    assert effects == [s.OpenBackendChannel(fd), s.Reply(Request.SET_BACKEND_REQ_FD, p.encode_u64(0))]
+    assert session.backend_channel
+    os.close(fd)
+
+
+def test_config_change_goes_to_the_backend_channel_as_request_2_without_need_reply():
+    session = backend_session()
+    negotiate(session, BACKEND_PROTOCOL)
+    fd = eventfd()
+    session.receive(message(Request.SET_BACKEND_REQ_FD, fds=[fd]))
+    os.close(fd)
+    (effect,) = session.config_changed()
+    assert effect == s.SendBackendRequest(p.BackendRequest.CONFIG_CHANGE_MSG)
+    wire = p.encode_backend_request(effect.request, effect.payload)
+    assert wire == b"\x02\x00\x00\x00" + b"\x01\x00\x00\x00" + b"\x00\x00\x00\x00"
+
+
+def test_config_change_is_silent_without_a_channel_or_the_features():
+    session = backend_session()
+    negotiate(session, BACKEND_PROTOCOL)
+    assert session.config_changed() == []            # no SET_BACKEND_REQ_FD yet
+    without_config = backend_session()
+    negotiate(without_config, bit(ProtocolFeature.BACKEND_REQ))
+    fd = eventfd()
+    without_config.receive(message(Request.SET_BACKEND_REQ_FD, fds=[fd]))
+    os.close(fd)
+    assert without_config.config_changed() == []     # CONFIG not negotiated: nothing to re-read
+
+
+def test_set_backend_req_fd_without_the_feature_is_refused_and_its_fd_closed(session):
+    negotiate(session)
+    fd = eventfd()
+    effects = session.receive(message(Request.SET_BACKEND_REQ_FD, fds=[fd], need_reply=True))
+    assert effects == [s.Reply(Request.SET_BACKEND_REQ_FD, p.encode_u64(1))]
+    assert not session.backend_channel
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_set_backend_req_fd_without_an_fd_breaks_the_session():
+    session = backend_session()
+    negotiate(session, BACKEND_PROTOCOL)
+    with pytest.raises(p.ProtocolError):
+        session.receive(message(Request.SET_BACKEND_REQ_FD))
+    assert session.broken

@@ -52,6 +52,26 @@ def check_reply(msg: p.Message, request: int, size: int | None) -> None:
                        % (_name(request), len(msg.payload), size))
 
 
+def receive_message(sock: socket.socket, reader: p.MessageReader, what: str, timeout_s: float) -> p.Message:
+    """The next message on a blocking socket with a timeout; BackendClosed at EOF, TimeoutError
+    if none within timeout_s (``what`` names it in errors)."""
+    while True:
+        msg = reader.next_message()
+        if msg is not None:
+            return msg
+        try:
+            data, ancdata, flags, _ = sock.recvmsg(reader.bytes_needed(), _FD_SPACE)
+        except socket.timeout:
+            raise TimeoutError("no %s within %.1f s" % (what, timeout_s)) from None
+        except ConnectionResetError:
+            raise BackendClosed("connection reset before the %s" % what) from None
+        fds = fds_from_ancillary(ancdata)
+        if not data:
+            close_all(fds)
+            raise BackendClosed("connection closed before the %s" % what)
+        reader.feed(data, fds)
+
+
 class Channel:
     """One connected vhost-user socket, used by one thread."""
 
@@ -99,21 +119,7 @@ class Channel:
         """The next reply; BackendClosed at EOF, TimeoutError if none within timeout_s."""
         if self.sock is None:
             raise BackendClosed("channel to %s is closed" % self.path)
-        while True:
-            msg = self.reader.next_message()
-            if msg is not None:
-                return msg
-            try:
-                data, ancdata, flags, _ = self.sock.recvmsg(self.reader.bytes_needed(), _FD_SPACE)
-            except socket.timeout:
-                raise TimeoutError("no reply from %s within %.1f s" % (self.path, self.timeout_s)) from None
-            except ConnectionResetError:
-                raise BackendClosed("%s reset the connection" % self.path) from None
-            fds = fds_from_ancillary(ancdata)
-            if not data:
-                close_all(fds)
-                raise BackendClosed("%s closed the connection" % self.path)
-            self.reader.feed(data, fds)
+        return receive_message(self.sock, self.reader, "reply from %s" % self.path, self.timeout_s)
 
     def call(self, request: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = (),
              reply_size: int | None = 8) -> p.Message:
@@ -147,4 +153,36 @@ class Channel:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        self.reader.close()
+
+
+class BackendRequestChannel:
+    """The front-end's end of the SET_BACKEND_REQ_FD socket: requests the back-end sends on its
+    own (CONFIG_CHANGE_MSG …).  ``peer_fd`` is the end to send with SET_BACKEND_REQ_FD (the
+    caller closes it once sent)."""
+
+    def __init__(self, timeout_s: float = 5.0) -> None:
+        self.sock, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout_s)
+        self.peer = peer
+        self.timeout_s = timeout_s
+        self.reader = p.MessageReader(expect_reply=False)
+
+    @property
+    def peer_fd(self) -> int:
+        return self.peer.fileno()
+
+    def peer_sent(self) -> None:
+        """The back-end has its own copy of the peer end now: ours is closed."""
+        self.peer.close()
+
+    def receive(self, timeout_s: float | None = None) -> p.Message:
+        """The next back-end request; TimeoutError if none within timeout_s."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        self.sock.settimeout(limit)
+        return receive_message(self.sock, self.reader, "back-end request", limit)
+
+    def close(self) -> None:
+        self.peer.close()
+        self.sock.close()
         self.reader.close()

@@ -18,14 +18,17 @@ from .. import _dataplane as dp
 from ..vhost import protocol as p
 from ..vhost.features import ProtocolFeature, VirtioFeature, bit, mask
 from ..vhost.protocol import Request
-from .channel import BackendClosed, BadReply, Channel, RequestFailed
+from .channel import BackendClosed, BackendRequestChannel, BadReply, Channel, RequestFailed
 
 log = logging.getLogger(__name__)
 
 # What this front-end implements of the protocol; only these bits are ever acknowledged.
-PROTOCOL_FEATURES = mask(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
-                         ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.CONFIGURE_MEM_SLOTS,
-                         ProtocolFeature.RESET_DEVICE)
+# BACKEND_REQ only on request (backend_requests=True): QEMU always takes it, but most tests
+# have no use for the back-end's requests.
+DEFAULT_PROTOCOL_FEATURES = mask(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
+                                 ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.CONFIGURE_MEM_SLOTS,
+                                 ProtocolFeature.RESET_DEVICE)
+PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES | bit(ProtocolFeature.BACKEND_REQ)
 RING_FEATURES = mask(VirtioFeature.VERSION_1, VirtioFeature.RING_INDIRECT_DESC,
                      VirtioFeature.RING_EVENT_IDX, VirtioFeature.ANY_LAYOUT)
 F_PROTOCOL = bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES)
@@ -77,7 +80,7 @@ class Frontend:
 
     def __init__(self, path: str, *, num_queues: int = 1, queue_size: int = 128,
                  device: int = dp.DEVICE_BLK, device_features: int = 0, event_idx: bool = True,
-                 indirect: bool = True, protocol_features: int = PROTOCOL_FEATURES,
+                 indirect: bool = True, protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
                  memory: dp.DriverMemory | None = None, memory_bytes: int = 64 << 20,
                  memory_regions: int = 1, hugepages: bool = False, bounce_bytes: int = 0,
                  slots: int = 0, use_mem_slots: bool = False,
@@ -105,6 +108,7 @@ class Frontend:
             queue.set_fds(kick, call)
             self.vqs.append(Vq(queue, kick, call, err))
         self.channel: Channel | None = None
+        self.backend_requests: BackendRequestChannel | None = None   # SET_BACKEND_REQ_FD's socket
         self.offered_features = 0       # GET_FEATURES
         self.features = 0                # acknowledged virtio features (SET_FEATURES less bit 30)
         self.offered_protocol = 0
@@ -159,6 +163,8 @@ class Frontend:
             self.max_queues = ch.call_u64(Request.GET_QUEUE_NUM)
         if self.has_protocol(ProtocolFeature.CONFIGURE_MEM_SLOTS):
             self.max_mem_slots = ch.call_u64(Request.GET_MAX_MEM_SLOTS)
+        if self.has_protocol(ProtocolFeature.BACKEND_REQ):
+            self._open_backend_requests()
         self._check_queue_count()
         self._request(Request.SET_OWNER)
         again = ch.call_u64(Request.GET_FEATURES)
@@ -170,6 +176,20 @@ class Frontend:
                                indirect=self.has_feature(VirtioFeature.RING_INDIRECT_DESC))
             self._vring_file(Request.SET_VRING_CALL, vq.queue.index, vq.call_fd)
             self._vring_file(Request.SET_VRING_ERR, vq.queue.index, vq.err_fd)
+
+    def _open_backend_requests(self) -> None:
+        """SET_BACKEND_REQ_FD with one end of a new socket pair (acked, as QEMU asks)."""
+        if self.backend_requests is not None:
+            self.backend_requests.close()
+        self.backend_requests = BackendRequestChannel(self.timeout_s)
+        self._request(Request.SET_BACKEND_REQ_FD, fds=(self.backend_requests.peer_fd,), ack=True)
+        self.backend_requests.peer_sent()
+
+    def backend_request(self, timeout_s: float | None = None) -> p.Message:
+        """The next request the back-end sent on its own (BACKEND_REQ negotiated)."""
+        if self.backend_requests is None:
+            raise FrontendError("%s did not negotiate BACKEND_REQ" % self.path)
+        return self.backend_requests.receive(timeout_s)
 
     def _check_queue_count(self) -> None:
         # blk fails when the back-end serves fewer queues (one without MQ); scsi, like QEMU,
@@ -336,6 +356,9 @@ class Frontend:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
+        if self.backend_requests is not None:
+            self.backend_requests.close()
+            self.backend_requests = None
 
     def reconnect(self, connect_timeout_s: float = 10.0) -> None:
         """Connect again (to a restarted back-end) and, if the device was started, start it on

@@ -17,8 +17,10 @@ SEG_MAX = 128                    # data segments per request (ext: MAX_IOV - hea
 MAX_DISCARD_SECTORS = 32768      # 16 MiB per discard / write-zeroes request
 CONFIG_SIZE = 60                 # virtio_blk_config up to write_zeroes_may_unmap (+3 pad)
 
+# BACKEND_REQ: a resized disk's new capacity is announced with CONFIG_CHANGE_MSG.
 PROTOCOL_FEATURES = mask(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
-                         ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.CONFIGURE_MEM_SLOTS)
+                         ProtocolFeature.BACKEND_REQ, ProtocolFeature.INFLIGHT_SHMFD,
+                         ProtocolFeature.CONFIGURE_MEM_SLOTS)
 RING_FEATURES = mask(VirtioFeature.VERSION_1, VirtioFeature.RING_INDIRECT_DESC,
                      VirtioFeature.RING_EVENT_IDX, VirtioFeature.VHOST_USER_PROTOCOL_FEATURES)
 BLK_FEATURES = mask(BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.FLUSH, BlkFeature.TOPOLOGY,
@@ -117,6 +119,12 @@ class BlkController(Controller):
 
     def session_device(self) -> BlkSessionDevice:
         return BlkSessionDevice(self)
+
+    async def bdev_resized(self, bdev) -> None:
+        """The bdev's size changed: its capacity (read live by GET_CONFIG) is announced to a
+        connected front-end, which raises a config interrupt in the guest."""
+        if bdev is self.bdev and self.connection is not None:
+            await self.connection.config_changed()
 
     def bdev_removed(self) -> None:
         """The bdev went away (hot-remove): I/O fails from now on; the controller stays."""

@@ -115,6 +115,7 @@ class Connection:
         self.inflight_queues = 0
         self.inflight_base = 0
         self.queues: dict[int, tuple[dp.VirtQueue, dp.Reactor]] = {}
+        self.backend: Transport | None = None   # the SET_BACKEND_REQ_FD channel, send-only
         self.truncated = False            # closed by close_if_truncated()
         self.loop = asyncio.get_running_loop()
         self.closed = asyncio.Event()
@@ -183,9 +184,47 @@ class Connection:
             self._map_inflight(effect)
         elif isinstance(effect, s.CreateInflight):
             return self._create_inflight(effect)
+        elif isinstance(effect, s.OpenBackendChannel):
+            self._open_backend_channel(effect.fd)
+        elif isinstance(effect, s.SendBackendRequest):
+            await self._send_backend_request(effect)
         else:
             raise TypeError("unknown effect %r" % (effect,))
         return []
+
+    # -- back-end requests --------------------------------------------------------------------
+    def _open_backend_channel(self, fd: int) -> None:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            _close(fd)
+            raise p.ProtocolError("SET_BACKEND_REQ_FD fd is not a socket: %s" % exc) from None
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise p.ProtocolError("SET_BACKEND_REQ_FD fd is not a unix stream socket")
+        if self.backend is not None:
+            self.backend.close()
+        self.backend = Transport(sock)
+
+    async def _send_backend_request(self, effect: s.SendBackendRequest) -> None:
+        backend = self.backend
+        if backend is None:
+            return
+        try:
+            await backend.send(p.encode_backend_request(effect.request, effect.payload))
+        except (ConnectionClosed, OSError) as exc:
+            # The main socket decides whether the front-end is gone; without the channel it
+            # only misses notifications (it reads the new config at its next GET_CONFIG).
+            log.warning("%s: back-end request channel failed, closing it: %s", self.name, exc)
+            backend.close()
+            if self.backend is backend:      # not replaced by a SET_BACKEND_REQ_FD meanwhile
+                self.backend = None
+
+    async def config_changed(self) -> None:
+        """The device's config space changed: notify the front-end if the session can."""
+        if self.closed.is_set():
+            return
+        await self.execute(self.session.config_changed())
 
     # -- memory -------------------------------------------------------------------------------
     def _memory_truncated(self) -> bool:
@@ -376,6 +415,9 @@ class Connection:
                 self.memory.close()
                 self.memory = None
             self._release_inflight()
+            if self.backend is not None:
+                self.backend.close()
+                self.backend = None
             self.transport.close()
             self.closed.set()
             self.controller.connection_closed(self)

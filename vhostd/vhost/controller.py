@@ -165,6 +165,9 @@ class Controller:
         """The device model a new connection's session negotiates with."""
         raise NotImplementedError
 
+    async def bdev_resized(self, bdev) -> None:
+        """A bdev changed size: kinds that serve it tell their front-end (blk, scsi override)."""
+
     # -- reporting ----------------------------------------------------------------------------
     def cpumask(self) -> str:
         value = 0

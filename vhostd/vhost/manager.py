@@ -169,6 +169,11 @@ class VhostManager:
     def of_kind(self, kind: str) -> list[Controller]:
         return [self.controllers[n] for n in sorted(self.controllers) if self.controllers[n].kind == kind]
 
+    async def bdev_resized(self, bdev) -> None:
+        """Every controller serving bdev announces its new size to its front-end."""
+        for name in sorted(self.controllers):
+            await self.controllers[name].bdev_resized(bdev)
+
     async def shutdown(self) -> None:
         """Stop every controller (daemon exit): connections drained, sockets removed."""
         await asyncio.gather(*(c.stop() for c in self.controllers.values()), return_exceptions=True)

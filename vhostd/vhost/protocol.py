@@ -369,6 +369,13 @@ def encode_reply(request: int, payload: bytes) -> bytes:
     return encode(request, payload, VERSION | FLAG_REPLY)
 
 
+def encode_backend_request(request: BackendRequest, payload: bytes = b"") -> bytes:
+    """A back-end request for the SET_BACKEND_REQ_FD channel.  Never with NEED_REPLY: QEMU
+    answers CONFIG_CHANGE_MSG only after a GET_CONFIG on the main socket, and a back-end waiting
+    for that answer could not serve the GET_CONFIG (vhost_user.md §1.4)."""
+    return encode(request, payload, VERSION)
+
+
 def decode_request_body(msg: Message) -> Any:
     """Check the payload size of a front-end request and decode it.  Raises ProtocolError for a
     wrong size or a malformed payload; unknown requests decode to None (the session refuses them).

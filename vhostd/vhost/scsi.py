@@ -180,6 +180,14 @@ class ScsiController(Controller):
         if await self.reactors.wait(reactor, msg) < 0:
             log.warning("%s: event queue full, guest will see EVENTS_MISSED", self.name)
 
+    async def bdev_resized(self, bdev) -> None:
+        """Every target of bdev reports UNIT ATTENTION, CAPACITY DATA HAS CHANGED to its next
+        command; the guest re-reads the capacity on its own or at a rescan (virtio-scsi has no
+        capacity event, and QEMU refuses CONFIG_CHANGE_MSG for scsi)."""
+        for target in self.targets.values():
+            if target.bdev is bdev and target.num not in self._changing:
+                self.device.report_capacity_changed(target.num)
+
     async def remove_all_targets(self) -> None:
         for num in sorted(self.targets):
             await self.remove_target(num)

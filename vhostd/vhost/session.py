@@ -161,8 +161,25 @@ class CreateInflight:
     queue_size: int
 
 
+@dataclass(frozen=True)
+class OpenBackendChannel:
+    """SET_BACKEND_REQ_FD: from now on back-end requests go to this socket fd (the connection's
+    to keep and close; one given earlier is closed)."""
+
+    fd: int
+
+
+@dataclass(frozen=True)
+class SendBackendRequest:
+    """Send a back-end request on the channel of OpenBackendChannel; no answer is awaited."""
+
+    request: int
+    payload: bytes = b""
+
+
 Effect = (Reply | StartQueue | StopQueue | MapMemory | AddMemoryRegion | RemoveMemoryRegion
-          | UpdateQueueFds | CloseFds | MapInflight | CreateInflight | Reconcile | ForgetQueue)
+          | UpdateQueueFds | CloseFds | MapInflight | CreateInflight | Reconcile | ForgetQueue
+          | OpenBackendChannel | SendBackendRequest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +236,7 @@ class Session:
         self.memory_mapped = False
         self.vrings = [Vring(i) for i in range(device.max_queues)]
         self.inflight: MapInflight | None = None
+        self.backend_channel = False      # SET_BACKEND_REQ_FD gave us a socket for our requests
         self._handlers = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -239,6 +257,7 @@ class Session:
             Request.SET_VRING_CALL: self._set_vring_call,
             Request.SET_VRING_ERR: self._set_vring_err,
             Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
             Request.GET_INFLIGHT_FD: self._get_inflight_fd,
@@ -302,6 +321,16 @@ class Session:
         vring.running = False
         vring.failed = reason
         log.warning("%s: queue %d cannot start: %s", self.device.name, index, reason)
+
+    def config_changed(self) -> list[Effect]:
+        """The device's config space changed (a resized disk): tell the front-end, which re-reads
+        it with GET_CONFIG.  Nothing when it cannot be told (no CONFIG or BACKEND_REQ negotiated,
+        no channel yet); it then reads the new config at its next GET_CONFIG."""
+        if self.broken or not self.backend_channel or not (
+                self.protocol_negotiated(ProtocolFeature.BACKEND_REQ)
+                and self.protocol_negotiated(ProtocolFeature.CONFIG)):
+            return []
+        return [SendBackendRequest(p.BackendRequest.CONFIG_CHANGE_MSG)]
 
     def close(self) -> list[Effect]:
         """The connection is going away: stop every queue; the caller then releases fds."""
@@ -571,6 +600,14 @@ class Session:
             return self._refuse(msg, "SET_VRING_ENABLE without protocol features")
         vring.enabled = bool(num)
         return self._ack(msg) + self._reconcile(vring)
+
+    def _set_backend_req_fd(self, msg: p.Message) -> list[Effect]:
+        if not self.protocol_negotiated(ProtocolFeature.BACKEND_REQ):
+            return self._refuse(msg, "BACKEND_REQ not negotiated")
+        self._expect_fds(msg, 1)
+        fd = msg.fds.pop()
+        self.backend_channel = True
+        return [OpenBackendChannel(fd)] + self._ack(msg)
 
     # -- config and inflight -----------------------------------------------------------------
     def _get_config(self, msg: p.Message) -> list[Effect]:

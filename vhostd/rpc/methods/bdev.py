@@ -52,8 +52,9 @@ def bdev_null_delete(app, p: P.NameOnly):
 
 
 @rpc_method("bdev_null_resize", result=bool, params=P.BdevResize)
-def bdev_null_resize(app, p: P.BdevResize):
-    """Grow a null bdev to new_size MiB."""
+async def bdev_null_resize(app, p: P.BdevResize):
+    """Grow a null bdev to new_size MiB; guests see the new size (blk: config-change message to
+    the front-end, scsi: UNIT ATTENTION 2A/09 on its next command)."""
     bdev = app.bdevs.find(p.name)
     if bdev.module != "null":
         raise InvalidArgument("%s is not a null bdev" % p.name)
@@ -64,7 +65,7 @@ def bdev_null_resize(app, p: P.BdevResize):
         bdev.disk.resize(num_blocks)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
-    app.bdev_resized(bdev)
+    await app.bdev_resized(bdev)
     return True
 
 
@@ -83,7 +84,7 @@ def bdev_aio_delete(app, p: P.NameOnly):
     return True
 
 
-def _rescan(app, name: str, module: str) -> bool:
+async def _rescan(app, name: str, module: str) -> bool:
     bdev = app.bdevs.find(name)
     if bdev.module != module:
         raise NotFound("%s is not a %s bdev" % (name, module))
@@ -91,14 +92,14 @@ def _rescan(app, name: str, module: str) -> bool:
         bdev.disk.rescan()
     except (OSError, ValueError) as exc:
         raise InvalidArgument(str(exc)) from None
-    app.bdev_resized(bdev)
+    await app.bdev_resized(bdev)
     return True
 
 
 @rpc_method("bdev_aio_rescan", result=bool, params=P.NameOnly)
-def bdev_aio_rescan(app, p: P.NameOnly):
+async def bdev_aio_rescan(app, p: P.NameOnly):
     """Re-read the size of the file (it may have grown)."""
-    return _rescan(app, p.name, "aio")
+    return await _rescan(app, p.name, "aio")
 
 
 def _uring_error(exc: VhostdError) -> RpcError:
@@ -118,8 +119,8 @@ def bdev_uring_delete(app, p: P.NameOnly):
 
 
 @rpc_method("bdev_uring_rescan", result=bool, params=P.NameOnly)
-def bdev_uring_rescan(app, p: P.NameOnly):
-    return _rescan(app, p.name, "uring")
+async def bdev_uring_rescan(app, p: P.NameOnly):
+    return await _rescan(app, p.name, "uring")
 
 
 _KIND_CREATE = {

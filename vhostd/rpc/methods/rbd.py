@@ -70,7 +70,8 @@ async def bdev_rbd_delete(app, p: P.NameOnly):
 
 @rpc_method("bdev_rbd_resize", result=bool, params=P.BdevResize, map_error=_rbd_error)
 async def bdev_rbd_resize(app, p: P.BdevResize):
-    """Grow the image to new_size MiB; the bdev's block count follows."""
+    """Grow the image to new_size MiB; the bdev's block count follows and guests see it (blk:
+    config-change message to the front-end, scsi: UNIT ATTENTION 2A/09 on the next command)."""
     bdev = await app.rbd.resize(p.name, p.new_size)
-    app.bdev_resized(bdev)
+    await app.bdev_resized(bdev)
     return True
