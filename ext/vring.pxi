@@ -229,7 +229,6 @@ cdef void task_complete(task_t *task, bint failed) noexcept nogil:
     task.busy = 0
     vq.inflight_count -= 1
     vq.need_notify = 1
-    vq_publish(vq)
 
 
 cdef void vq_publish(vq_t *vq) noexcept nogil:

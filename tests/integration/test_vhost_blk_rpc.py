@@ -62,9 +62,9 @@ def test_resizing_a_null_bdev_sends_config_change_and_get_config_shows_the_new_c
         msg = dev.frontend.backend_request(timeout_s=10.0)
         assert (msg.request, msg.flags, msg.payload) == (p.BackendRequest.CONFIG_CHANGE_MSG, p.VERSION, b"")
         assert dev.read_config().size_bytes == 48 << 20
-        # Blocks past the old end are served now (a null disk reads zeroes).
+        # Blocks past the old end are served now (a null disk's reads succeed and move no data).
         dev.write((40 << 20) // 512, b"\x5a" * 4096)
-        assert dev.read((40 << 20) // 512, 4096) == bytes(4096)
+        assert len(dev.read((40 << 20) // 512, 4096)) == 4096
 
 
 def test_an_aio_rescan_of_a_grown_file_is_announced_like_a_resize(daemon, tmp_path):
@@ -180,7 +180,14 @@ def test_a_file_bdev_deleted_under_a_front_end_is_closed_when_the_front_end_leav
 
     def file_fds():
         fd_dir = "/proc/%d/fd" % d.proc.pid
-        return [fd for fd in os.listdir(fd_dir) if os.readlink(os.path.join(fd_dir, fd)) == str(image)]
+        found = []
+        for fd in os.listdir(fd_dir):
+            try:
+                if os.readlink(os.path.join(fd_dir, fd)) == str(image):
+                    found.append(fd)
+            except FileNotFoundError:       # closed between listing and reading: not the image's
+                pass
+        return found
 
     with VirtioBlk(str(d.socket_dir / "vhost.0"), queue_size=64, memory_bytes=8 << 20).open() as dev:
         dev.write(0, b"\1" * 512)
