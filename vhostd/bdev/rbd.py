@@ -11,6 +11,7 @@ finishes.
 from __future__ import annotations
 
 import asyncio
+import errno as _errno
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,13 @@ RELEASE_TIMEOUT_S = 10.0
 
 class RbdUnavailable(BackendFailure):
     """librbd could not be loaded: RBD bdevs need Ceph's client libraries (Debian: librbd1)."""
+
+
+class ImageInUse(BackendFailure):
+    """The image is already open in this process: each open is its own exclusive-lock client, so
+    a second one would take the lock from the first on every write."""
+
+    errno = _errno.EBUSY
 
 
 def load_librbd() -> None:
@@ -143,6 +151,7 @@ class RbdBdev(Bdev):
         self.user_id = user_id
         self.config = config
         self.read_only = read_only
+        self.image_key: tuple[str, str, str] | None = None     # (fsid, pool, image): RbdManager's
         if read_only:
             self.io_types = self.io_types - {"write", "write_zeroes"}
 
@@ -185,6 +194,8 @@ class RbdManager:
         self.bdevs = bdevs
         self.clusters: dict[str, RbdCluster] = {}
         self._created = 0
+        # (cluster fsid, pool, image) -> the bdev name holding (or opening) it: one open per image.
+        self._open_images: dict[tuple[str, str, str], str] = {}
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rbd")
 
     async def _blocking(self, what: str, fn, *args, cleanup=None):
@@ -274,26 +285,38 @@ class RbdManager:
                 "connecting for bdev %s" % name, connect, user_id, config, None, None,
                 not config_given, cleanup=lambda h: h.shutdown())
             handle = private
+        key = (handle.fsid, pool_name, rbd_name)
         try:
-            image = await self._blocking("opening %s/%s" % (pool_name, rbd_name), _open_image,
-                                         handle, pool_name, rbd_name, read_only,
-                                         cleanup=lambda img: img.close())
+            holder = self._open_images.get(key)
+            if holder is not None:
+                raise ImageInUse("image %s/%s is already open as bdev %s; vhostd opens an image "
+                                 "once per process" % (pool_name, rbd_name, holder))
+            self._open_images[key] = name
             try:
-                disk = image.disk(block_size)
-            except ValueError as exc:
-                await self._blocking("closing", image.close)
-                raise InvalidArgument(str(exc)) from None
+                image = await self._blocking("opening %s/%s" % (pool_name, rbd_name),
+                                             _open_image, handle, pool_name, rbd_name, read_only,
+                                             cleanup=lambda img: img.close())
+                try:
+                    disk = image.disk(block_size)
+                except ValueError as exc:
+                    await self._blocking("closing", image.close)
+                    raise InvalidArgument(str(exc)) from None
+            except BaseException:
+                del self._open_images[key]
+                raise
         except BaseException:
             if private is not None:
                 await self._blocking("disconnecting", private.shutdown)
             raise
         bdev = RbdBdev(name, ident, disk, image, cluster, private,
                        None if cluster else user_id, None if cluster else config, read_only)
+        bdev.image_key = key
         try:
             self.bdevs.check_new(name, ident)     # a bdev of that name may have appeared meanwhile
         except AlreadyExists:
             disk.close()
             await self._blocking("closing", bdev.close_backend)
+            del self._open_images[key]
             raise
         self._created += 1
         if cluster is not None:
@@ -325,7 +348,10 @@ class RbdManager:
                       bdev.disk.in_use)
             return
         bdev.disk.close()
-        await self._blocking("closing %s" % bdev.name, bdev.close_backend)
+        try:
+            await self._blocking("closing %s" % bdev.name, bdev.close_backend)
+        finally:
+            self._open_images.pop(bdev.image_key, None)
 
     async def resize(self, name: str, new_size_mib: int) -> RbdBdev:
         """bdev_rbd_resize: grow the image to new_size_mib MiB (equal is fine, smaller refused)."""
