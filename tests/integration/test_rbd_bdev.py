@@ -9,6 +9,7 @@ import pytest
 
 from tests.helpers.ceph import free_port
 from tests.helpers.daemon import SpdkRpcError
+from tests.helpers.waiting import wait_for
 from vhostd.initiator.blk import VirtioBlk
 
 
@@ -185,3 +186,27 @@ def test_an_image_is_opened_once_per_process(ceph_cluster, rbd_image, daemon):
     assert [b["name"] for b in d.spdk("bdev_get_bdevs")] == ["r0"]
     d.spdk("bdev_rbd_delete", "r0")
     assert d.spdk("bdev_rbd_create", "-b", "r1", "-c", "c0", "rbd", image, "512") == "r1"
+
+
+def test_delete_under_a_connected_frontend_closes_the_image_when_it_disconnects(
+        ceph_cluster, rbd_image, daemon):
+    d = daemon()
+    image = rbd_image(8 << 20)
+    register(d, ceph_cluster)
+    d.spdk("bdev_rbd_create", "-b", "r0", "-c", "c0", "rbd", image, "512")
+    d.spdk("vhost_create_blk_controller", "vhost.0", "r0")
+    dev = VirtioBlk(str(d.socket_dir / "vhost.0"), num_queues=1, queue_size=64,
+                    memory_bytes=4 << 20).open()
+    try:
+        dev.write(0, b"\x11" * 4096)
+        t0 = time.monotonic()
+        assert d.rpc("bdev_rbd_delete", name="r0") is True     # answers; the queue holds the disk
+        assert time.monotonic() - t0 < 20
+        assert spdk_error(d, "bdev_rbd_create", "-b", "r1", "-c", "c0", "rbd", image,
+                          "512")["code"] == -16                 # still open
+        assert spdk_error(d, "bdev_rbd_unregister_cluster", "c0")["code"] == -1
+    finally:
+        dev.close()
+    wait_for(lambda: d.spdk("bdev_rbd_create", "-b", "r1", "-c", "c0", "rbd", image, "512",
+                            check=False) == "r1", timeout=30, interval=0.2)
+    assert ceph_cluster.export_image(image)[:4096] == b"\x11" * 4096

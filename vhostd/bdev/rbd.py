@@ -196,6 +196,7 @@ class RbdManager:
         self._created = 0
         # (cluster fsid, pool, image) -> the bdev name holding (or opening) it: one open per image.
         self._open_images: dict[tuple[str, str, str], str] = {}
+        self._deferred: set[asyncio.Task] = set()       # closes waiting for queues to detach
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rbd")
 
     async def _blocking(self, what: str, fn, *args, cleanup=None):
@@ -335,23 +336,44 @@ class RbdManager:
         bdev = self.find(name)
         self.bdevs.delete(bdev.name, "rbd")
         await self._until_released(bdev)
-        if bdev.cluster is not None and bdev in bdev.cluster.bdevs:
-            bdev.cluster.bdevs.remove(bdev)
 
     async def _until_released(self, bdev: RbdBdev) -> None:
+        """Close the image once no queue uses the disk: at once if the controllers let go within
+        RELEASE_TIMEOUT_S, else (a guest still connected to a controller whose bdev was removed)
+        in the background when the last queue detaches."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RELEASE_TIMEOUT_S
         while bdev.disk.in_use and loop.time() < deadline:
             await asyncio.sleep(0.01)       # controllers detach their queues on their own
         if bdev.disk.in_use:
-            log.error("rbd bdev %s: still used by %d queue(s); image left open", bdev.name,
-                      bdev.disk.in_use)
+            log.warning("rbd bdev %s: still used by %d queue(s); its image is closed when they "
+                        "detach", bdev.name, bdev.disk.in_use)
+            task = asyncio.ensure_future(self._close_when_released(bdev))
+            self._deferred.add(task)
+            task.add_done_callback(self._deferred.discard)
             return
-        bdev.disk.close()
+        await self._close(bdev)
+
+    async def _close_when_released(self, bdev: RbdBdev) -> None:
+        while bdev.disk.in_use:
+            await asyncio.sleep(0.1)
         try:
-            await self._blocking("closing %s" % bdev.name, bdev.close_backend)
-        finally:
+            await self._close(bdev)
+        except BackendFailure as exc:
+            log.error("rbd bdev %s: %s", bdev.name, exc)
+
+    async def _close(self, bdev: RbdBdev) -> None:
+        """Close the disk and the image; the image counts as open (and its cluster as used) until
+        rbd_close has returned, even when that outlasts OP_TIMEOUT_S."""
+        bdev.disk.close()
+
+        def closed(_result=None) -> None:
             self._open_images.pop(bdev.image_key, None)
+            if bdev.cluster is not None and bdev in bdev.cluster.bdevs:
+                bdev.cluster.bdevs.remove(bdev)
+
+        await self._blocking("closing %s" % bdev.name, bdev.close_backend, cleanup=closed)
+        closed()
 
     async def resize(self, name: str, new_size_mib: int) -> RbdBdev:
         """bdev_rbd_resize: grow the image to new_size_mib MiB (equal is fine, smaller refused)."""
@@ -378,6 +400,8 @@ class RbdManager:
         for bdev in [b for b in self.bdevs if isinstance(b, RbdBdev)]:
             bdev.hot_remove()
             await self._until_released(bdev)
+        if self._deferred:
+            await asyncio.wait(list(self._deferred), timeout=OP_TIMEOUT_S)
         for cluster in list(self.clusters.values()):
             await self._blocking("disconnecting", cluster.handle.shutdown)
         self.clusters.clear()
