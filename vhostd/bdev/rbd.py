@@ -367,13 +367,21 @@ class RbdManager:
         rbd_close has returned, even when that outlasts OP_TIMEOUT_S."""
         bdev.disk.close()
 
-        def closed(_result=None) -> None:
+        def closed(_future=None) -> None:
             self._open_images.pop(bdev.image_key, None)
             if bdev.cluster is not None and bdev in bdev.cluster.bdevs:
                 bdev.cluster.bdevs.remove(bdev)
 
-        await self._blocking("closing %s" % bdev.name, bdev.close_backend, cleanup=closed)
-        closed()
+        future = asyncio.get_running_loop().run_in_executor(self._executor, bdev.close_backend)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), OP_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            future.add_done_callback(closed)         # on the loop, whenever rbd_close returns
+            raise BackendFailure("closing %s did not finish within %.0f s"
+                                 % (bdev.name, OP_TIMEOUT_S)) from None
+        finally:
+            if future.done():
+                closed()
 
     async def resize(self, name: str, new_size_mib: int) -> RbdBdev:
         """bdev_rbd_resize: grow the image to new_size_mib MiB (equal is fine, smaller refused)."""
