@@ -4,13 +4,14 @@ store's ceiling), then vhostd-bench against `vhostd-rbd` and `qsd-rbd` over the 
 
 Without --ceph-conf it starts the tests' one-node cluster (tests/helpers/ceph.py) in a temporary
 directory, creates the image and fills it (object-map answers reads of never-written objects
-without an OSD), and stops the cluster at the end.  Prints every tool's own output.
+without an OSD), and stops and removes the cluster at the end.  Prints every tool's own output.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ def main() -> int:
     finally:
         if cluster is not None:
             cluster.stop()
+            shutil.rmtree(cluster.dir, ignore_errors=True)
     return 0
 
 
