@@ -199,9 +199,8 @@ def test_delete_under_a_connected_frontend_closes_the_image_when_it_disconnects(
                     memory_bytes=4 << 20).open()
     try:
         dev.write(0, b"\x11" * 4096)
-        t0 = time.monotonic()
-        assert d.rpc("bdev_rbd_delete", name="r0") is True     # answers; the queue holds the disk
-        assert time.monotonic() - t0 < 20
+        # Answers (within the client's 60 s) although the connected queue still holds the disk.
+        assert d.rpc("bdev_rbd_delete", name="r0") is True
         assert spdk_error(d, "bdev_rbd_create", "-b", "r1", "-c", "c0", "rbd", image,
                           "512")["code"] == -16                 # still open
         assert spdk_error(d, "bdev_rbd_unregister_cluster", "c0")["code"] == -1
