@@ -39,6 +39,7 @@ cdef struct rbd_api_t:
     int (*rados_conf_set)(rados_t cluster, const char *option, const char *value) noexcept nogil
     int (*rados_connect)(rados_t cluster) noexcept nogil
     void (*rados_shutdown)(rados_t cluster) noexcept nogil
+    int (*rados_cluster_fsid)(rados_t cluster, char *buf, size_t len) noexcept nogil
     int (*rados_ioctx_create)(rados_t cluster, const char *pool, rados_ioctx_t *io) noexcept nogil
     void (*rados_ioctx_destroy)(rados_ioctx_t io) noexcept nogil
     int (*rbd_open)(rados_ioctx_t io, const char *name, rbd_image_t *image,
@@ -65,7 +66,8 @@ cdef struct rbd_api_t:
 # Symbol names in the order of rbd_api_t's fields.
 _RBD_SYMBOLS = (
     b"rados_create2", b"rados_conf_read_file", b"rados_conf_set", b"rados_connect",
-    b"rados_shutdown", b"rados_ioctx_create", b"rados_ioctx_destroy", b"rbd_open",
+    b"rados_shutdown", b"rados_cluster_fsid", b"rados_ioctx_create", b"rados_ioctx_destroy",
+    b"rbd_open",
     b"rbd_open_read_only", b"rbd_close", b"rbd_get_size", b"rbd_resize",
     b"rbd_aio_create_completion", b"rbd_aio_get_return_value", b"rbd_aio_release",
     b"rbd_aio_readv", b"rbd_aio_writev", b"rbd_aio_flush", b"rbd_aio_discard",
@@ -275,6 +277,17 @@ cdef class RadosCluster:
             rc = _rbd.rados_connect(self.cluster)
         _rbd_check(rc, "connecting to the cluster")
         self.connected = True
+
+    @property
+    def fsid(self):
+        """The cluster's fsid (the same cluster whichever monitor, user or config reached it)."""
+        cdef char buf[64]
+        cdef int rc
+        if not self.connected:
+            raise OSError(ENOTCONN, "the cluster is not connected")
+        rc = _rbd.rados_cluster_fsid(self.cluster, buf, sizeof(buf))
+        _rbd_check(rc, "rados_cluster_fsid")
+        return (<bytes>buf).decode()       # NUL-terminated; rc is its length or -errno
 
     def shutdown(self):
         """rados_shutdown; every image opened through it must be closed first."""

@@ -11,6 +11,7 @@ PACKAGES=(
     prometheus                                                  # scraping /metrics, the dashboard's PromQL
     librbd1                                                     # RBD bdevs (optional at run time: dlopen'ed)
     ceph-mon ceph-osd ceph-mgr ceph-common                      # the tests' one-node Ceph cluster, `rbd export`
+    qemu-block-extra                                            # QEMU's rbd driver: the benchmark's qsd-rbd target
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # a real libvirt domain on vhostd disks
 )
 missing=()

@@ -15,9 +15,7 @@ def pytest_runtest_makereport(item, call):
         item.rep_call_failed = report.failed
 
 
-@pytest.fixture(scope="session")
-def ceph_cluster(tmp_path_factory):
-    """A one-node Ceph cluster (tests/helpers/ceph.py), started once per test session."""
+def _ceph_cluster(tmp_path_factory, dirname):
     from tests.helpers.ceph import CephCluster, missing_tools
 
     missing = missing_tools()
@@ -26,12 +24,25 @@ def ceph_cluster(tmp_path_factory):
         if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
             pytest.fail(message + " (CI=true: run scripts/install-system-deps.sh)", pytrace=False)
         pytest.skip(message + "; run scripts/install-system-deps.sh (or `make test`)")
-    cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
+    cluster = CephCluster(tmp_path_factory.mktemp(dirname))
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster(tmp_path_factory):
+    """A one-node Ceph cluster (tests/helpers/ceph.py), started once per test session."""
+    yield from _ceph_cluster(tmp_path_factory, "ceph")
+
+
+@pytest.fixture(scope="module")
+def own_ceph_cluster(tmp_path_factory):
+    """A second one-node cluster for one test module (own directory, own ports): for tests that
+    kill or stop its daemons, which must never happen to the session's ``ceph_cluster``."""
+    yield from _ceph_cluster(tmp_path_factory, "ceph-own")
 
 
 @pytest.fixture

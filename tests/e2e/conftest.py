@@ -101,13 +101,17 @@ def daemon_log_tails(daemons: list[Daemon], chars: int = 2500) -> str:
 
 @pytest.fixture
 def vhostd(socket_dir: Path, started_daemons: list[Daemon]) -> Iterator[Callable[..., Daemon]]:
-    """A factory: ``vhostd(*args)`` starts a vhostd daemon with its sockets under socket_dir; every
+    """A factory: ``vhostd(*args)`` starts a vhostd daemon with its sockets under socket_dir;
+    ``vhostd(*args, after=d)`` one in d's directory (a restart: the same socket paths). Every
     daemon it started is stopped at teardown and its log printed (shown when a test fails)."""
     daemons = []
 
-    def start(*args, **kw) -> Daemon:
-        workdir = socket_dir / ("d%d" % len(daemons))
-        workdir.mkdir()
+    def start(*args, after: Daemon | None = None, **kw) -> Daemon:
+        if after is not None:
+            workdir = after.dir
+        else:
+            workdir = socket_dir / ("d%d" % len(daemons))
+            workdir.mkdir()
         d = Daemon(*args, workdir=str(workdir), **kw)
         daemons.append(d)
         started_daemons.append(d)

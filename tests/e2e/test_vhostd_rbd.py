@@ -118,3 +118,31 @@ def test_bdev_rbd_resize_under_a_running_scsi_guest_is_seen_after_a_rescan(
     guest.write_pattern("/dev/" + disk, SEED, 40 * MIB, MIB, direct=True)
     guest.check_pattern("/dev/" + disk, SEED, 40 * MIB, MIB, direct=True)
     assert guest.poweroff() == 0
+
+
+def test_second_vhostd_serves_a_guest_what_the_first_wrote(ceph_cluster, rbd_image, vhostd,
+                                                           boot_guest, guest_image, tmp_path):
+    """Two hosts sharing the store: the first vhostd releases the image (bdev_rbd_delete), the
+    second opens it and its guest reads the first guest's data and writes its own."""
+    image = rbd_image(16 * MIB)
+    first, second = vhostd(), vhostd()
+    for d in (first, second):
+        d.spdk("bdev_rbd_register_cluster", "c0", "--user", "admin", "--config-file",
+               str(ceph_cluster.conf))
+    first.spdk("bdev_rbd_create", "-b", "Rbd0", "-c", "c0", "rbd", image, "512")
+    first.spdk("vhost_create_blk_controller", "vhost.0", "Rbd0")
+    guest = boot_guest(devices=[VhostUserDevice("blk", first.socket_dir / "vhost.0")])
+    guest.write_pattern("/dev/vda", SEED, 0, PATTERN_BYTES, direct=True)
+    assert guest.poweroff() == 0
+    first.spdk("bdev_rbd_delete", "Rbd0")
+    second.spdk("bdev_rbd_create", "-b", "Rbd0", "-c", "c0", "rbd", image, "512")
+    second.spdk("vhost_create_blk_controller", "vhost.0", "Rbd0")
+    guest = boot_guest(devices=[VhostUserDevice("blk", second.socket_dir / "vhost.0")])
+    guest.check_pattern("/dev/vda", SEED, 0, PATTERN_BYTES, direct=True)
+    guest.write_pattern("/dev/vda", SEED + 1, 8 * MIB, MIB, direct=True)
+    assert guest.poweroff() == 0
+    second.spdk("bdev_rbd_delete", "Rbd0")
+    exported = tmp_path / "image.raw"
+    exported.write_bytes(ceph_cluster.export_image(image))
+    guest_image.patterns.check_file(exported, SEED, 0, PATTERN_BYTES)
+    guest_image.patterns.check_file(exported, SEED + 1, 8 * MIB, MIB)

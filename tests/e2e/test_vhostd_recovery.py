@@ -8,18 +8,18 @@ import time
 
 import pytest
 
-from guest import VhostUserDevice, pattern_command
+from guest import VhostUserDevice
 from tests.helpers.daemon import Daemon
 from tests.helpers.waiting import wait_for
+from writers import BackgroundWriters, io_errors_in_dmesg
 
 pytestmark = pytest.mark.e2e
 
 DISK_MIB = 64
 SEED = 10
-WRITERS = 4
-SLICE_BYTES = 12 << 20
-PATTERN_BYTES = WRITERS * SLICE_BYTES
 REQUEST_BYTES = 16 << 10
+WRITERS = BackgroundWriters(SEED, count=4, slice_bytes=12 << 20, request_bytes=REQUEST_BYTES)
+PATTERN_BYTES = WRITERS.total_bytes
 # The target stays down this long before it is started again: an outage, not a wait for anything.
 OUTAGE_S = 0.5
 
@@ -54,31 +54,6 @@ def setup(socket_dir, tmp_path, sparse_file, started_daemons):
         d.cleanup()
 
 
-def start_writers(guest):
-    """Four background writers of 12 MiB each (O_DIRECT, fsync at the end), so several requests
-    are in flight — and complete out of order — when the target goes away. Each leaves its exit
-    status in /tmp/rc<i>."""
-    jobs = "".join(
-        f"({pattern_command('write', SEED, '/dev/vda', i * SLICE_BYTES, SLICE_BYTES, direct=True, sync=True, chunk_bytes=REQUEST_BYTES)};"
-        f" echo $? > /tmp/rc{i}) > /tmp/w{i}.log 2>&1 & "
-        for i in range(WRITERS))
-    guest.check("rm -f /tmp/rc*; " + jobs + "true")
-
-
-def writer_codes(guest) -> list[int]:
-    return [int(c) for c in guest.check("cat /tmp/rc* 2>/dev/null; true").split()]
-
-
-def wait_writers(guest, timeout_s=240):
-    """The writers' exit statuses once all have finished (``timeout_s`` nominal)."""
-    try:
-        wait_for(lambda: len(writer_codes(guest)) == WRITERS, timeout=guest.scaled(timeout_s), interval=0.5)
-    except TimeoutError:
-        raise guest.failure("the guest's writers did not finish: "
-                            + guest.check("cat /tmp/w*.log; dmesg | tail")) from None
-    return writer_codes(guest)
-
-
 def bytes_written(d):
     return d.rpc("bdev_get_iostat")["bdevs"][0]["bytes_written"]
 
@@ -88,7 +63,7 @@ def test_guest_survives_a_target_restart_mid_write(setup, boot_guest, guest_imag
     image, start = setup
     d = start()
     guest = boot_guest(devices=[VhostUserDevice("blk", d.socket_dir / "vhost.0", reconnect_s=1)])
-    start_writers(guest)
+    WRITERS.start(guest)
     # Mid-write: the writers are under way and far from done.
     wait_for(lambda: bytes_written(d) >= 64 * REQUEST_BYTES, timeout=guest.scaled(60), interval=0.02)
     written_before = bytes_written(d)
@@ -100,9 +75,8 @@ def test_guest_survives_a_target_restart_mid_write(setup, boot_guest, guest_imag
     assert written_before < PATTERN_BYTES
     time.sleep(OUTAGE_S)
     start()
-    assert wait_writers(guest) == [0] * WRITERS, guest.check("cat /tmp/w*.log")
-    errors = guest.run("dmesg | grep -iE 'I/O error|blk_update_request|critical' ")[1]
-    assert errors == "", errors
+    assert WRITERS.wait(guest) == [0] * WRITERS.count, WRITERS.logs(guest)
+    assert io_errors_in_dmesg(guest) == ""
     guest.check("echo 3 > /proc/sys/vm/drop_caches")
     guest.check_pattern("/dev/vda", SEED, 0, PATTERN_BYTES, direct=True)
     assert guest.poweroff() == 0

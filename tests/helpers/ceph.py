@@ -56,6 +56,7 @@ class CephCluster:
         self.mon_port_v2 = free_port()
         self.mon_port_v1 = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, list[str]] = {}
         self.pool = POOL
         self.start_seconds: float | None = None
 
@@ -111,6 +112,30 @@ class CephCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    # -- faults (tests that break a cluster use one of their own, never the session's) -------------
+    def kill(self, name: str) -> None:
+        """SIGKILL one daemon (``osd.0``, ``mon.a``, ``mgr.x``) and reap it."""
+        proc = self.procs.pop(name)
+        proc.kill()
+        proc.wait()
+
+    def restart(self, name: str) -> None:
+        """Start a daemon that was killed or stopped again, with its command line and data."""
+        if name in self.procs and self.procs[name].poll() is None:
+            raise CephError("%s is still running" % name)
+        self._spawn(name, self.commands[name])
+
+    def start_again(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """After stop(): the mon, the OSD and the mgr from their data; returns once every PG is
+        active again."""
+        for name in ("mon.a", "osd.0", "mgr.x"):
+            self.restart(name)
+        self.wait_active(timeout_s)
+
+    def wait_active(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until the OSD is up and every PG of the pool active (after restart())."""
+        self._wait(self._pool_active, timeout_s, "the OSD up and every PG active")
 
     def __enter__(self) -> CephCluster:
         return self.start()
@@ -205,7 +230,8 @@ bluestore_rocksdb_options_annex = write_buffer_size=16777216,max_total_wal_size=
             self._run(["ceph-authtool", kr, *create, "--gen-key", "-n", name, *caps])
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
-        console = open(self.dir / "log" / ("%s.console" % name), "w")
+        self.commands[name] = cmd
+        console = open(self.dir / "log" / ("%s.console" % name), "a")
         self.procs[name] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console,
                                             stderr=subprocess.STDOUT, start_new_session=True)
         console.close()

@@ -9,6 +9,7 @@ import pytest
 
 from tests.helpers.ceph import free_port
 from tests.helpers.daemon import SpdkRpcError
+from tests.helpers.waiting import wait_for
 from vhostd.initiator.blk import VirtioBlk
 
 
@@ -166,3 +167,45 @@ def test_without_librbd_other_bdevs_work_and_rbd_methods_say_what_is_missing(dae
     with VirtioBlk(str(d.socket_dir / "vhost.0"), queue_size=64, memory_bytes=8 << 20).open() as dev:
         dev.write(0, b"\x5a" * 512)
         assert dev.read(0, 512) == b"\x5a" * 512
+
+
+def test_an_image_is_opened_once_per_process(ceph_cluster, rbd_image, daemon):
+    d = daemon()
+    image = rbd_image(8 << 20)
+    register(d, ceph_cluster)
+    register(d, ceph_cluster, "c1")             # a second connection to the same cluster
+    d.spdk("bdev_rbd_create", "-b", "r0", "-c", "c0", "rbd", image, "512")
+    pairs = [a for pair in inline_config(ceph_cluster) for a in ("--config", pair)]
+    for how in (["-c", "c0"], ["-c", "c1"], ["--user", "admin", *pairs]):
+        err = spdk_error(d, "bdev_rbd_create", "-b", "r1", *how, "rbd", image, "512")
+        assert err["code"] == -16, err
+        assert err["message"].startswith("Device or resource busy: image rbd/%s is already open "
+                                          "as bdev r0" % image), err
+    assert spdk_error(d, "bdev_rbd_unregister_cluster", "c0")["code"] == -1      # r0 uses it
+    d.spdk("bdev_rbd_unregister_cluster", "c1")
+    assert [b["name"] for b in d.spdk("bdev_get_bdevs")] == ["r0"]
+    d.spdk("bdev_rbd_delete", "r0")
+    assert d.spdk("bdev_rbd_create", "-b", "r1", "-c", "c0", "rbd", image, "512") == "r1"
+
+
+def test_delete_under_a_connected_frontend_closes_the_image_when_it_disconnects(
+        ceph_cluster, rbd_image, daemon):
+    d = daemon()
+    image = rbd_image(8 << 20)
+    register(d, ceph_cluster)
+    d.spdk("bdev_rbd_create", "-b", "r0", "-c", "c0", "rbd", image, "512")
+    d.spdk("vhost_create_blk_controller", "vhost.0", "r0")
+    dev = VirtioBlk(str(d.socket_dir / "vhost.0"), num_queues=1, queue_size=64,
+                    memory_bytes=4 << 20).open()
+    try:
+        dev.write(0, b"\x11" * 4096)
+        # Answers (within the client's 60 s) although the connected queue still holds the disk.
+        assert d.rpc("bdev_rbd_delete", name="r0") is True
+        assert spdk_error(d, "bdev_rbd_create", "-b", "r1", "-c", "c0", "rbd", image,
+                          "512")["code"] == -16                 # still open
+        assert spdk_error(d, "bdev_rbd_unregister_cluster", "c0")["code"] == -1
+    finally:
+        dev.close()
+    wait_for(lambda: d.spdk("bdev_rbd_create", "-b", "r1", "-c", "c0", "rbd", image, "512",
+                            check=False) == "r1", timeout=30, interval=0.2)
+    assert ceph_cluster.export_image(image)[:4096] == b"\x11" * 4096

@@ -11,6 +11,7 @@ finishes.
 from __future__ import annotations
 
 import asyncio
+import errno as _errno
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,13 @@ RELEASE_TIMEOUT_S = 10.0
 
 class RbdUnavailable(BackendFailure):
     """librbd could not be loaded: RBD bdevs need Ceph's client libraries (Debian: librbd1)."""
+
+
+class ImageInUse(BackendFailure):
+    """The image is already open in this process: each open is its own exclusive-lock client, so
+    a second one would take the lock from the first on every write."""
+
+    errno = _errno.EBUSY
 
 
 def load_librbd() -> None:
@@ -143,6 +151,7 @@ class RbdBdev(Bdev):
         self.user_id = user_id
         self.config = config
         self.read_only = read_only
+        self.image_key: tuple[str, str, str] | None = None     # (fsid, pool, image): RbdManager's
         if read_only:
             self.io_types = self.io_types - {"write", "write_zeroes"}
 
@@ -185,6 +194,9 @@ class RbdManager:
         self.bdevs = bdevs
         self.clusters: dict[str, RbdCluster] = {}
         self._created = 0
+        # (cluster fsid, pool, image) -> the bdev name holding (or opening) it: one open per image.
+        self._open_images: dict[tuple[str, str, str], str] = {}
+        self._deferred: set[asyncio.Task] = set()       # closes waiting for queues to detach
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rbd")
 
     async def _blocking(self, what: str, fn, *args, cleanup=None):
@@ -274,26 +286,38 @@ class RbdManager:
                 "connecting for bdev %s" % name, connect, user_id, config, None, None,
                 not config_given, cleanup=lambda h: h.shutdown())
             handle = private
+        key = (handle.fsid, pool_name, rbd_name)
         try:
-            image = await self._blocking("opening %s/%s" % (pool_name, rbd_name), _open_image,
-                                         handle, pool_name, rbd_name, read_only,
-                                         cleanup=lambda img: img.close())
+            holder = self._open_images.get(key)
+            if holder is not None:
+                raise ImageInUse("image %s/%s is already open as bdev %s; vhostd opens an image "
+                                 "once per process" % (pool_name, rbd_name, holder))
+            self._open_images[key] = name
             try:
-                disk = image.disk(block_size)
-            except ValueError as exc:
-                await self._blocking("closing", image.close)
-                raise InvalidArgument(str(exc)) from None
+                image = await self._blocking("opening %s/%s" % (pool_name, rbd_name),
+                                             _open_image, handle, pool_name, rbd_name, read_only,
+                                             cleanup=lambda img: img.close())
+                try:
+                    disk = image.disk(block_size)
+                except ValueError as exc:
+                    await self._blocking("closing", image.close)
+                    raise InvalidArgument(str(exc)) from None
+            except BaseException:
+                del self._open_images[key]
+                raise
         except BaseException:
             if private is not None:
                 await self._blocking("disconnecting", private.shutdown)
             raise
         bdev = RbdBdev(name, ident, disk, image, cluster, private,
                        None if cluster else user_id, None if cluster else config, read_only)
+        bdev.image_key = key
         try:
             self.bdevs.check_new(name, ident)     # a bdev of that name may have appeared meanwhile
         except AlreadyExists:
             disk.close()
             await self._blocking("closing", bdev.close_backend)
+            del self._open_images[key]
             raise
         self._created += 1
         if cluster is not None:
@@ -312,20 +336,52 @@ class RbdManager:
         bdev = self.find(name)
         self.bdevs.delete(bdev.name, "rbd")
         await self._until_released(bdev)
-        if bdev.cluster is not None and bdev in bdev.cluster.bdevs:
-            bdev.cluster.bdevs.remove(bdev)
 
     async def _until_released(self, bdev: RbdBdev) -> None:
+        """Close the image once no queue uses the disk: at once if the controllers let go within
+        RELEASE_TIMEOUT_S, else (a guest still connected to a controller whose bdev was removed)
+        in the background when the last queue detaches."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RELEASE_TIMEOUT_S
         while bdev.disk.in_use and loop.time() < deadline:
             await asyncio.sleep(0.01)       # controllers detach their queues on their own
         if bdev.disk.in_use:
-            log.error("rbd bdev %s: still used by %d queue(s); image left open", bdev.name,
-                      bdev.disk.in_use)
+            log.warning("rbd bdev %s: still used by %d queue(s); its image is closed when they "
+                        "detach", bdev.name, bdev.disk.in_use)
+            task = asyncio.ensure_future(self._close_when_released(bdev))
+            self._deferred.add(task)
+            task.add_done_callback(self._deferred.discard)
             return
+        await self._close(bdev)
+
+    async def _close_when_released(self, bdev: RbdBdev) -> None:
+        while bdev.disk.in_use:
+            await asyncio.sleep(0.1)
+        try:
+            await self._close(bdev)
+        except BackendFailure as exc:
+            log.error("rbd bdev %s: %s", bdev.name, exc)
+
+    async def _close(self, bdev: RbdBdev) -> None:
+        """Close the disk and the image; the image counts as open (and its cluster as used) until
+        rbd_close has returned, even when that outlasts OP_TIMEOUT_S."""
         bdev.disk.close()
-        await self._blocking("closing %s" % bdev.name, bdev.close_backend)
+
+        def closed(_future=None) -> None:
+            self._open_images.pop(bdev.image_key, None)
+            if bdev.cluster is not None and bdev in bdev.cluster.bdevs:
+                bdev.cluster.bdevs.remove(bdev)
+
+        future = asyncio.get_running_loop().run_in_executor(self._executor, bdev.close_backend)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), OP_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            future.add_done_callback(closed)         # on the loop, whenever rbd_close returns
+            raise BackendFailure("closing %s did not finish within %.0f s"
+                                 % (bdev.name, OP_TIMEOUT_S)) from None
+        finally:
+            if future.done():
+                closed()
 
     async def resize(self, name: str, new_size_mib: int) -> RbdBdev:
         """bdev_rbd_resize: grow the image to new_size_mib MiB (equal is fine, smaller refused)."""
@@ -352,6 +408,8 @@ class RbdManager:
         for bdev in [b for b in self.bdevs if isinstance(b, RbdBdev)]:
             bdev.hot_remove()
             await self._until_released(bdev)
+        if self._deferred:
+            await asyncio.wait(list(self._deferred), timeout=OP_TIMEOUT_S)
         for cluster in list(self.clusters.values()):
             await self._blocking("disconnecting", cluster.handle.shutdown)
         self.clusters.clear()

@@ -34,7 +34,7 @@ from ..vhost.protocol import ProtocolError
 from .blk import VirtioBlk
 from .channel import RequestFailed
 from .frontend import FrontendError
-from .targets import TargetError, make_target, proc_cpu_seconds
+from .targets import RbdSource, TargetError, make_target, proc_cpu_seconds
 
 # What a target can do wrong; the run of that target is reported failed, the others go on.
 TARGET_FAILURES = (TargetError, FrontendError, ProtocolError, RequestFailed, OSError, TimeoutError)
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", help="vhost-user socket of a running target")
     where.add_argument("--targets", help="comma-separated targets to start and measure in turn: "
-                       "qsd-null, qsd-file, vhostd-null, vhostd-malloc, vhostd-file, vhostd-scsi-malloc, "
+                       "qsd-null, qsd-file, qsd-rbd, vhostd-null, vhostd-malloc, vhostd-file, vhostd-rbd, vhostd-scsi-malloc, "
                        "vhostd-inproc-null, vhostd-inproc-malloc, vhostd-inproc-scsi-null, vhostd-inproc-scsi-malloc (vhostd's back-end in this process)")
     ap.add_argument("--type", choices=("blk", "scsi"), default="blk", help="device type of --socket")
     ap.add_argument("--target-pid", type=int, help="pid of the --socket target, for its CPU use")
@@ -392,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: $VHOSTD_BENCH_SPDK)")
     ap.add_argument("--size", type=parse_size, default=1 << 30, help="disk size of started targets")
     ap.add_argument("--image", help="file of file targets (default: a new sparse file of --size)")
+    ap.add_argument("--rbd", metavar="POOL/IMAGE",
+                    help="the existing RBD image of the rbd targets (default: $VHOSTD_BENCH_RBD)")
+    ap.add_argument("--ceph-conf", help="Ceph config file of the rbd targets, with the monitors "
+                    "and keyring (default: $CEPH_CONF)")
     ap.add_argument("--file-cache", choices=("direct", "page"), default="direct",
                     help="qsd-file: cache.direct=on (O_DIRECT, as vhostd) or the page cache")
     ap.add_argument("--span", type=parse_size, default=0, help="offsets below this (default: whole disk)")
@@ -444,12 +448,18 @@ def main(argv: list[str] | None = None) -> int:
             print("vhostd-bench: %s failed: %s" % (args.socket, exc), file=sys.stderr)
     else:
         specs = [spec.strip() for spec in args.targets.split(",")]
+        rbd = None
+        if any(spec.endswith("-rbd") for spec in specs):
+            try:
+                rbd = RbdSource.parse(args.rbd, args.ceph_conf)
+            except TargetError as exc:
+                ap.error(str(exc))
         labels: dict[str, str] = {}             # spec -> the label its results carry
         for round_index in range(args.rounds):
             for spec in rotated(specs, round_index):
                 target = make_target(spec, cpus=parse_cpus(args.target_cpus),
                                      size_bytes=args.size, num_queues=args.queues, image=args.image,
-                                     direct=args.file_cache == "direct", spdk=args.spdk)
+                                     direct=args.file_cache == "direct", spdk=args.spdk, rbd=rbd)
                 labels[spec] = target.label
                 try:
                     with target:

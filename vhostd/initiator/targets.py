@@ -58,6 +58,32 @@ def _cpu_list(cpus: set[int] | list[int] | None) -> str | None:
     return ",".join(str(c) for c in sorted(cpus)) if cpus else None
 
 
+RBD_ENV = "VHOSTD_BENCH_RBD"
+
+
+@dataclass(frozen=True)
+class RbdSource:
+    """An existing RBD image for the rbd targets: ``pool/image``, the Ceph config file (with the
+    monitors and ``keyring =``) and the client (no ``client.`` prefix)."""
+
+    pool: str
+    image: str
+    conf: str
+    user: str = "admin"
+
+    @classmethod
+    def parse(cls, spec: str | None = None, conf: str | None = None) -> RbdSource:
+        """From ``POOL/IMAGE`` (or $VHOSTD_BENCH_RBD) and a config path (or $CEPH_CONF)."""
+        spec = spec or os.environ.get(RBD_ENV)
+        conf = conf or os.environ.get("CEPH_CONF")
+        if not spec or "/" not in spec:
+            raise TargetError("rbd targets need the image as POOL/IMAGE: pass --rbd or set %s" % RBD_ENV)
+        if not conf:
+            raise TargetError("rbd targets need a Ceph config file: pass --ceph-conf or set CEPH_CONF")
+        pool, image = spec.split("/", 1)
+        return cls(pool, image, conf)
+
+
 class _Target:
     """A target's working directory (a temporary one unless given) and its lifetime."""
 
@@ -155,11 +181,12 @@ class _Process(_Target):
 
 
 class QsdTarget(_Process):
-    """qemu-storage-daemon exporting a null-co or file node as vhost-user-blk.
+    """qemu-storage-daemon exporting a null-co, file or rbd node as vhost-user-blk.
 
     backend "null": ``null-co`` of size_bytes (reads return whatever the buffer held unless
     read_zeroes).  backend "file": image (created sparse at size_bytes if missing), opened with
-    cache.direct=on and the given aio engine.
+    cache.direct=on and the given aio engine.  backend "rbd": the image of ``rbd`` (an RbdSource)
+    through QEMU's rbd driver, cache.direct=on (librbd's cache off).
     """
 
     kind = "blk"
@@ -167,9 +194,12 @@ class QsdTarget(_Process):
     def __init__(self, backend: str = "null", *, image: str | None = None, size_bytes: int = 1 << 30,
                  num_queues: int = 1, cpus: set[int] | list[int] | None = None,
                  read_zeroes: bool = False, direct: bool = True, aio: str = "io_uring",
-                 workdir: str | None = None, binary: str = "qemu-storage-daemon") -> None:
-        if backend not in ("null", "file"):
-            raise ValueError("QSD backend is 'null' or 'file'")
+                 workdir: str | None = None, binary: str = "qemu-storage-daemon",
+                 rbd: RbdSource | None = None) -> None:
+        if backend not in ("null", "file", "rbd"):
+            raise ValueError("QSD backend is 'null', 'file' or 'rbd'")
+        if backend == "rbd" and rbd is None:
+            raise ValueError("QSD's rbd backend needs an RbdSource")
         self.label = "qsd-%s" % backend
         super().__init__(workdir)
         self.backend = backend
@@ -183,11 +213,15 @@ class QsdTarget(_Process):
         self.direct = direct
         self.aio = aio
         self.binary = binary
+        self.rbd = rbd
 
     def command_line(self) -> list[str]:
         if self.backend == "null":
             node = "driver=null-co,node-name=disk0,size=%d,read-zeroes=%s" % (
                 self.size_bytes, "on" if self.read_zeroes else "off")
+        elif self.backend == "rbd":
+            node = "driver=rbd,node-name=disk0,pool=%s,image=%s,conf=%s,user=%s,cache.direct=on" % (
+                _opt(self.rbd.pool), _opt(self.rbd.image), _opt(self.rbd.conf), _opt(self.rbd.user))
         else:
             node = "driver=file,node-name=disk0,filename=%s,cache.direct=%s,aio=%s" % (
                 _opt(self.image), "on" if self.direct else "off", self.aio)
@@ -253,17 +287,22 @@ def vhostd_command() -> list[str] | None:
 
 
 class VhostdTarget(_Process):
-    """vhostd with one bdev (null, malloc or file) behind one blk or scsi controller.
+    """vhostd with one bdev (null, malloc, file or rbd) behind one blk or scsi controller.
 
     The bdev and controller are created through vhostd's SPDK JSON-RPC, as an operator would;
-    ``cpus`` becomes the ``-m`` mask (one reactor per core).
+    ``cpus`` becomes the ``-m`` mask (one reactor per core).  An rbd bdev opens the image of
+    ``rbd`` (an RbdSource) through a registered cluster with librbd's cache off, as QSD's
+    cache.direct=on has it.
     """
 
     def __init__(self, bdev: str = "null", *, kind: str = "blk", image: str | None = None,
                  size_bytes: int = 1 << 30, block_size: int = 512, cpus=(0,),
-                 workdir: str | None = None, extra_args: list[str] | None = None) -> None:
-        if bdev not in ("null", "malloc", "file") or kind not in ("blk", "scsi"):
-            raise ValueError("bdev is null, malloc or file; kind is blk or scsi")
+                 workdir: str | None = None, extra_args: list[str] | None = None,
+                 rbd: RbdSource | None = None) -> None:
+        if bdev not in ("null", "malloc", "file", "rbd") or kind not in ("blk", "scsi"):
+            raise ValueError("bdev is null, malloc, file or rbd; kind is blk or scsi")
+        if bdev == "rbd" and rbd is None:
+            raise ValueError("an rbd bdev needs an RbdSource")
         self.label = "vhostd-%s-%s" % (kind, bdev)
         super().__init__(workdir)
         self.bdev = bdev
@@ -273,12 +312,13 @@ class VhostdTarget(_Process):
         self.block_size = block_size
         self.cpus = set(cpus)
         self.extra_args = extra_args or []
+        self.rbd = rbd
         self.rpc_path = str(self.workdir / "rpc.sock")
         self.ctrlr = "vhd.0"
         self.socket_path = str(self.workdir / self.ctrlr)
 
-    def rpc(self, method: str, params: dict | None = None):
-        return spdk_rpc(self.rpc_path, method, params)
+    def rpc(self, method: str, params: dict | None = None, timeout_s: float = 10.0):
+        return spdk_rpc(self.rpc_path, method, params, timeout_s)
 
     def start(self, timeout_s: float = 30.0) -> VhostdTarget:
         command = vhostd_command()
@@ -304,6 +344,14 @@ class VhostdTarget(_Process):
             self.rpc("bdev_null_create", {"name": "disk0", "num_blocks": blocks, "block_size": self.block_size})
         elif self.bdev == "malloc":
             self.rpc("bdev_malloc_create", {"name": "disk0", "num_blocks": blocks, "block_size": self.block_size})
+        elif self.bdev == "rbd":
+            # Connecting and opening take seconds: vhostd answers within 30 s.
+            self.rpc("bdev_rbd_register_cluster", {"name": "c0", "user_id": self.rbd.user,
+                                                   "config_file": self.rbd.conf,
+                                                   "config_param": {"rbd_cache": "false"}}, 40.0)
+            self.rpc("bdev_rbd_create", {"name": "disk0", "cluster_name": "c0",
+                                         "pool_name": self.rbd.pool, "rbd_name": self.rbd.image,
+                                         "block_size": self.block_size}, 40.0)
         else:
             if not os.path.exists(self.image):
                 with open(self.image, "wb") as f:
@@ -503,24 +551,28 @@ class InProcessVhostdTarget(_Target):
 
 def make_target(spec: str, *, cpus=None, size_bytes: int = 1 << 30, num_queues: int = 1,
                 image: str | None = None, direct: bool = True, workdir: str | None = None,
-                spdk: str | None = None):
-    """A target from a short name: qsd-null, qsd-file, vhostd-null, vhostd-malloc, vhostd-file,
+                spdk: str | None = None, rbd: RbdSource | None = None):
+    """A target from a short name: qsd-null, qsd-file, qsd-rbd, vhostd-null, vhostd-malloc,
+    vhostd-file, vhostd-rbd,
     vhostd-scsi-null, vhostd-scsi-malloc, vhostd-scsi-file, vhostd-inproc-null,
     vhostd-inproc-malloc, vhostd-inproc-scsi-null, vhostd-inproc-scsi-malloc, spdk-null, spdk-malloc,
     spdk-scsi-null, spdk-scsi-malloc.  image: the file of file targets (default: a new sparse file of
-    size_bytes); direct: QSD's cache.direct; spdk: where SPDK's vhost binary is (find_spdk_vhost)."""
+    size_bytes); direct: QSD's cache.direct; spdk: where SPDK's vhost binary is (find_spdk_vhost);
+    rbd: the image of the rbd targets (default: RbdSource.parse() from the environment)."""
     parts = spec.split("-")
+    if parts[-1] == "rbd" and rbd is None:
+        rbd = RbdSource.parse()
     if parts[0] == "spdk" and len(parts) in (2, 3) and (len(parts) == 2 or parts[1] == "scsi"):
         return SpdkTarget(parts[-1], kind="scsi" if len(parts) == 3 else "blk", cpus=cpus or (0,),
                           size_bytes=size_bytes, workdir=workdir, spdk=spdk)
     if parts[0] == "qsd" and len(parts) == 2:
         return QsdTarget(parts[1], cpus=cpus, size_bytes=size_bytes, num_queues=num_queues,
-                         image=image, direct=direct, workdir=workdir)
+                         image=image, direct=direct, workdir=workdir, rbd=rbd)
     if parts[:2] == ["vhostd", "inproc"] and len(parts) in (3, 4):
         return InProcessVhostdTarget(parts[-1], cpus=cpus or (0,), size_bytes=size_bytes, workdir=workdir,
                                      kind="scsi" if len(parts) == 4 and parts[2] == "scsi" else "blk")
     if parts[0] == "vhostd" and len(parts) in (2, 3):
         kind = parts[1] if len(parts) == 3 else "blk"
         return VhostdTarget(parts[-1], kind=kind, cpus=cpus or (0,), size_bytes=size_bytes,
-                            image=image, workdir=workdir)
+                            image=image, workdir=workdir, rbd=rbd)
     raise ValueError("unknown target %r (qsd-null, qsd-file, vhostd-null, vhostd-scsi-malloc, spdk-null …)" % spec)

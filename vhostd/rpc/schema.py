@@ -47,8 +47,10 @@ answers -1 with the reason after `Operation not permitted: ` (duplicate or unkno
 in use, unreadable `config_file`/`key_file`, bad `core_mask`, connect/pool/image/open failures, an
 operation that did not finish within 30 s, librbd not installed). `bdev_rbd_get_clusters_info`
 without clusters or with an unknown name: -2; `bdev_rbd_create` with `block_size` 0: -22, a taken
-name: -17; `bdev_rbd_delete` of a missing or non-rbd bdev: -19; `bdev_rbd_resize` (MiB) of a
-missing bdev -19, of another kind or smaller than now -22.
+name: -17, an image already open in this process: -16 `Device or resource busy: image POOL/IMAGE is
+already open as bdev NAME` (see [rbd.md](rbd.md#one-open-per-image-per-process));
+`bdev_rbd_delete` of a missing or non-rbd bdev: -19; `bdev_rbd_resize` (MiB) of a missing bdev -19,
+of another kind or smaller than now -22.
 """
 
 
