@@ -12,6 +12,7 @@ PACKAGES=(
     librbd1                                                     # RBD bdevs (optional at run time: dlopen'ed)
     ceph-mon ceph-osd ceph-mgr ceph-common                      # the tests' one-node Ceph cluster, `rbd export`
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # a real libvirt domain on vhostd disks
+    mmdebstrap                                                  # the Debian 13 root with QEMU 11.1 (vfio-user)
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do
