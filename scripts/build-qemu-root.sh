@@ -11,8 +11,9 @@
 #                                       bind-mounted (in a private mount namespace, e.g. unshare -m)
 # OUTDIR/bin/qemu-img, qemu-io and qemu-storage-daemon are wrapped the same way.
 #
-# Idempotent: a stamp records a hash of this script; when the root and a matching stamp exist nothing
-# is done (no network either). Non-interactive, fit for CI. Needs root (or sudo) and mmdebstrap
+# Idempotent: a stamp records a hash of this script and OUTDIR; when the root and a matching stamp
+# exist nothing is done (no network either), and the root itself is rebuilt only when its suite,
+# packages or mirror change. Non-interactive, fit for CI. Needs root (or sudo) and mmdebstrap
 # (scripts/install-system-deps.sh installs it).
 #
 # usage: scripts/build-qemu-root.sh OUTDIR
@@ -33,7 +34,8 @@ TRIPLET=x86_64-linux-gnu
 log() { echo "build-qemu-root: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-script_hash=$(sha256sum "$0" | cut -d' ' -f1)
+# The wrappers name the root by its absolute path: a moved checkout regenerates them.
+script_hash=$( (sha256sum "$0" | cut -d' ' -f1; echo "$OUTDIR") | sha256sum | cut -d' ' -f1)
 stamp="$OUTDIR/.stamp"
 if [ -x "$OUTDIR/rootfs/usr/bin/qemu-system-x86_64" ] && [ -x "$OUTDIR/bin/qemu-system-x86_64" ] \
         && [ -f "$stamp" ] && grep -qx "script $script_hash" "$stamp"; then
@@ -78,13 +80,14 @@ else
     $SUDO mmdebstrap --quiet --mode=root --variant=apt --components=main \
         --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/locale/*' \
-        --customize-hook="chroot \"\$1\" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        --customize-hook="chroot \"\$1\" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 \
             --no-install-recommends -t $BACKPORTS ${QEMU_PACKAGES[*]}" \
         --customize-hook='chroot "$1" apt-get clean' \
         "$SUITE" "$work" "deb $mirror $SUITE main" "deb $mirror $BACKPORTS main" \
         || die "mmdebstrap failed"
     [ -x "$work/usr/bin/qemu-system-x86_64" ] || die "no qemu-system-x86_64 in the new root"
     echo "$root_key" | $SUDO tee "$work/.vhd-root" >/dev/null
+    echo "$(($(date +%s) - started))" | $SUDO tee "$work/.vhd-build-s" >/dev/null
     $SUDO rm -rf "$root"
     $SUDO mv "$work" "$root"
 fi
@@ -132,6 +135,6 @@ done
 version=$("$OUTDIR/bin/qemu-system-x86_64" --version | head -n 1)
 "$OUTDIR/bin/qemu-system-x86_64" -device help | grep -q '"vfio-user-pci"' \
     || die "$version has no vfio-user-pci device"
-printf 'qemu %s\nbuild_s %s\nscript %s\n' "$version" "$(($(date +%s) - started))" "$script_hash" \
-    > "$stamp"
-log "built $root in $(($(date +%s) - started)) s: $version, with vfio-user-pci"
+root_build_s=$(cat "$root/.vhd-build-s" 2>/dev/null || echo unknown)
+printf 'qemu %s\nroot_build_s %s\nscript %s\n' "$version" "$root_build_s" "$script_hash" > "$stamp"
+log "ready in $(($(date +%s) - started)) s (the root took $root_build_s s): $version, with vfio-user-pci"

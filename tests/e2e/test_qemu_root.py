@@ -23,7 +23,7 @@ def mounts():
 
 def test_root_qemu_is_11_1_and_has_the_vfio_user_client(qemu_root):
     version = qemu_root.version()
-    print(version, "- root built in", qemu_root.stamp().get("build_s"), "s")
+    print(version, "- root built in", qemu_root.stamp().get("root_build_s"), "s")
     assert version.startswith("QEMU emulator version 11.1.")
     devices = run(qemu_root.qemu_system, "-device", "help").stdout
     assert '"vfio-user-pci"' in devices

@@ -41,7 +41,7 @@ class QemuRoot:
         return out.splitlines()[0]
 
     def stamp(self) -> dict[str, str]:
-        """What the build recorded: ``qemu`` (version line), ``build_s`` (seconds), ``script``."""
+        """What the build recorded: ``qemu`` (version line), ``root_build_s`` (seconds mmdebstrap took), ``script``."""
         fields = {}
         for line in (self.path / ".stamp").read_text().splitlines():
             key, _, value = line.partition(" ")
