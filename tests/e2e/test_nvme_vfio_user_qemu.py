@@ -1,6 +1,7 @@
 """QEMU 11.1's own vfio-user client (vfio-user-pci) against vhostd's vfio-user endpoint and NVMe
-PCI function, with no guest: QEMU runs under the qtest accelerator and the test plays the CPU,
-reading config space through ports 0xcf8/0xcfc and BAR0 through MMIO."""
+PCI function, with no guest: QEMU runs under the qtest accelerator and the test plays the CPU and
+the driver, reading config space through ports 0xcf8/0xcfc, BAR0 through MMIO, and running an
+admin command through queues in guest RAM."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import struct
 import pytest
 
 from vhostd.nvme import registers as r
+from vhostd.nvme import status as st
+from vhostd.nvme.command import Completion, Submission
 from vhostd.nvme.function import NvmeFunction
 from vhostd.vfio_user.server import Endpoint
 
@@ -20,7 +23,7 @@ pytestmark = pytest.mark.e2e
 SLOT = 4
 BAR0_ADDR = 0xFE000000
 GUEST_RAM_MIB = 256
-ADMIN_SQ, ADMIN_CQ = 0x100000, 0x101000
+ADMIN_SQ, ADMIN_CQ, IDENTIFY_BUFFER = 0x100000, 0x101000, 0x102000
 
 
 class Qtest:
@@ -52,6 +55,14 @@ class Qtest:
 
     async def writel(self, addr: int, value: int) -> None:
         await self.command("writel %#x %#x" % (addr, value))
+
+    async def write(self, addr: int, data: bytes) -> None:
+        """Store bytes in guest RAM (as the guest's CPU would)."""
+        await self.command("write %#x %#x 0x%s" % (addr, len(data), data.hex()))
+
+    async def read(self, addr: int, size: int) -> bytes:
+        answer = await self.command("read %#x %#x" % (addr, size))
+        return bytes.fromhex(answer[2:])                         # "0x…"
 
 
 async def start_qemu(qemu_root, socket_dir, endpoint_path):
@@ -97,7 +108,7 @@ async def wait_for(condition, timeout_s=10.0):
         await asyncio.sleep(0.05)
 
 
-def test_qemu_reads_the_nvme_function_and_enables_the_controller(qemu_root, socket_dir):
+def test_qemu_reads_the_nvme_function_enables_it_and_runs_identify_through_the_admin_queue(qemu_root, socket_dir):
     async def scenario():
         function = NvmeFunction("nvme0")
         endpoint = Endpoint(socket_dir / "cntrl", function)
@@ -125,8 +136,9 @@ def test_qemu_reads_the_nvme_function_and_enables_the_controller(qemu_root, sock
             await qtest.writel(BAR0_ADDR + r.Reg.ACQ + 4, 0)
             await qtest.writel(BAR0_ADDR + r.Reg.CC, 0x00460001)
             assert await qtest.readl(BAR0_ADDR + r.Reg.CSTS) & r.CSTS_RDY
-            # A doorbell store lands in the doorbell page through QEMU's mmap of BAR0's fd (the
-            # sparse area), not as a message.
+            # Identify Controller through the admin queue: the entry in guest RAM, the SQ tail
+            # doorbell stored through QEMU's mmap of BAR0's fd (the sparse area, not a message),
+            # the completion and the data back in guest RAM.
             trapped = []
             served_write = function.region_write
 
@@ -134,16 +146,27 @@ def test_qemu_reads_the_nvme_function_and_enables_the_controller(qemu_root, sock
                 trapped.append((index, offset))
                 return served_write(index, offset, data)
             function.region_write = recording_write
-            await qtest.writel(BAR0_ADDR + 0x1000, 3)
-            await wait_for(lambda: bytes(function.doorbells[:4]) == struct.pack("<I", 3))
-            assert trapped == []
+            identify = Submission(0x06, 0, 0x42, 0, 0, IDENTIFY_BUFFER, 0, cdw10=1)
+            await qtest.write(ADMIN_SQ, identify.encode())
+            await qtest.writel(BAR0_ADDR + 0x1000, 1)
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                completion, phase = Completion.decode(await qtest.read(ADMIN_CQ, 16))
+                if phase == 1:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "no completion"
+                await asyncio.sleep(0.01)
+            assert completion == Completion(0x42, st.SUCCESS, 0, sq_head=1, sq_id=0)
+            assert trapped == [] and bytes(function.doorbells[:4]) == struct.pack("<I", 1)
             function.region_write = served_write
+            model = await qtest.read(IDENTIFY_BUFFER + 24, 40)
+            assert model.rstrip() == b"vhostd NVMe controller"
         finally:
             stderr = await stop_qemu(qemu)
             print("QEMU stderr:", stderr)
         # QEMU leaving sends nothing: EOF releases the windows and irq fds; state stays.
         await wait_for(lambda: endpoint._serving.done())
-        assert endpoint.connection.mappings == {} and endpoint.connection.session.owned_fds() == []
+        assert len(endpoint.connection.memory) == 0 and endpoint.connection.session.owned_fds() == []
         assert function.registers.ready
         # The next QEMU is served: its realize resets the controller.
         qemu, qtest = await start_qemu(qemu_root, socket_dir, endpoint.path)

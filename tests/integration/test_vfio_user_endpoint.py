@@ -96,8 +96,7 @@ def test_guest_memory_and_the_doorbell_page_are_shared_both_ways(socket_dir):
         reply = await client.call(Command.DMA_MAP, p.DmaMap(3, MB, 0x100000, MB).encode(), [ram])
         assert reply.error == 0
         os.pwrite(ram, b"guest bytes", MB + 0x10)
-        mapping = endpoint.connection.mappings[0x100000]
-        assert mapping[0x10:0x1b] == b"guest bytes"
+        assert endpoint.connection.memory.read(0x100010, 11) == b"guest bytes"
         # BAR0's region info carries the doorbell page's fd; a store there reaches the device.
         reply = await client.call(Command.DEVICE_GET_REGION_INFO,
                                   p.RegionInfo(PciRegion.BAR0, 0, 0, 0, argsz=64).encode())
@@ -110,7 +109,7 @@ def test_guest_memory_and_the_doorbell_page_are_shared_both_ways(socket_dir):
         doorbells.close()
         os.close(bar0_fd)
         reply = await client.call(Command.DMA_UNMAP, p.DmaUnmap(0, 0x100000, MB).encode())
-        assert reply.error == 0 and endpoint.connection.mappings == {}
+        assert reply.error == 0 and len(endpoint.connection.memory) == 0
         os.close(ram)
         client.close()
 
@@ -181,12 +180,12 @@ def test_a_client_that_leaves_gives_back_every_fd_and_mapping(socket_dir):
                                            PciIrq.MSIX, 0, 3).encode(), vectors)
         assert reply.error == 0
         connection = endpoint.connection
-        assert len(connection.session.owned_fds()) == 3 and connection.mappings
+        assert len(connection.session.owned_fds()) == 3 and len(connection.memory) == 1
         for fd in [ram, *vectors]:
             os.close(fd)
         client.close()
         await wait_for(lambda: endpoint._serving.done())
-        assert connection.mappings == {} and connection.session.owned_fds() == []
+        assert len(connection.memory) == 0 and connection.session.owned_fds() == []
         assert open_fds() == baseline
 
     serve(socket_dir, scenario)

@@ -11,6 +11,7 @@ from vhostd.nvme import registers as r
 from vhostd.nvme.function import NvmeFunction
 from vhostd.vfio_user import protocol as p
 from vhostd.vfio_user import session as s
+from vhostd.vfio_user.memory import MemoryAccessError
 from vhostd.vfio_user.protocol import Command, CommandError, PciIrq, PciRegion
 
 
@@ -115,12 +116,25 @@ def test_without_a_mappable_bar0_there_is_no_fd_and_doorbells_are_trapped():
     fn.close()
 
 
-class Windows:
-    def __init__(self, *windows):
-        self.windows = windows
+class Memory:
+    """Guest RAM at 0 for the function's tests: ``size`` bytes, read-only if asked."""
 
-    def find_window(self, addr, size):
-        return next((w for w in self.windows if w.addr <= addr and addr + size <= w.end), None)
+    def __init__(self, size=1 << 20, writable=True):
+        self.ram = bytearray(size)
+        self.writable = writable
+
+    def contains(self, addr, size, writable=False):
+        return addr + size <= len(self.ram) and (self.writable or not writable)
+
+    def read(self, addr, size):
+        if not self.contains(addr, size):
+            raise MemoryAccessError("unmapped %#x" % addr)
+        return bytes(self.ram[addr:addr + size])
+
+    def write(self, addr, data):
+        if not self.contains(addr, len(data), True):
+            raise MemoryAccessError("unmapped %#x" % addr)
+        self.ram[addr:addr + len(data)] = data
 
 
 def enable(fn, asq=0x10000, acq=0x20000):
@@ -133,23 +147,23 @@ def enable(fn, asq=0x10000, acq=0x20000):
 
 def test_enable_reports_ready_when_the_admin_queues_are_in_mapped_memory(function):
     (event,) = enable(function)
-    function.carry_out(event, Windows(s.DmaWindow(0, 1 << 20, 0, 3, True)))
+    function.carry_out(event, Memory())
     assert function.registers.ready
 
 
 def test_enable_over_unmapped_or_read_only_memory_is_controller_fatal(function):
     (event,) = enable(function)
-    function.carry_out(event, Windows(s.DmaWindow(0, 0x18000, 0, 3, True)))
+    function.carry_out(event, Memory(0x18000))
     assert function.registers.csts == r.CSTS_CFS
     fn = NvmeFunction("nvme2")
     (event,) = enable(fn)
-    fn.carry_out(event, Windows(s.DmaWindow(0, 1 << 20, 0, 1, True)))
+    fn.carry_out(event, Memory(writable=False))
     assert fn.registers.csts == r.CSTS_CFS
     fn.close()
 
 
 def test_reset_restores_registers_config_and_doorbells(function):
-    function.carry_out(enable(function)[0], Windows(s.DmaWindow(0, 1 << 20, 0, 3, True)))
+    function.carry_out(enable(function)[0], Memory())
     function.region_write(PciRegion.CONFIG, pci.BAR0, struct.pack("<I", 0xFE000000))
     function.region_write(PciRegion.BAR0, 0x1000, struct.pack("<I", 5))
     function.reset()

@@ -82,7 +82,7 @@ def test_an_invalid_enable_sets_controller_fatal_status_and_asks_for_nothing(reg
 def test_enable_failure_reported_by_the_controller_is_fatal_status(regs):
     configure_admin_queues(regs)
     regs.write(r.Reg.CC, dword(0x00460001))
-    regs.report_enable_failed("admin SQ not mapped")
+    regs.report_fatal("admin SQ not mapped")
     assert read32(regs, r.Reg.CSTS) == r.CSTS_CFS
 
 

@@ -12,26 +12,40 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import struct
 from errno import EINVAL
 from typing import Any, Protocol
 
+from ..vfio_user.memory import MemoryAccessError
 from ..vfio_user.protocol import CommandError, PciIrq, PciRegion, RegionFlag, SparseArea
-from ..vfio_user.session import DmaWindow, RegionDescription
+from ..vfio_user.session import RegionDescription
+from . import identify as ident
 from . import registers as r
+from . import status as st
+from .admin import AdminCommands
+from .command import CQE_SIZE, SQE_SIZE, Completion, Submission
 from .pci import BarLayout, ConfigSpace, PciIdentity
+from .prp import DataPointerError, prp_segments
+from .queues import CompletionQueue, DoorbellError, SubmissionQueue
 
 log = logging.getLogger(__name__)
 
 DOORBELL_PAGE_SIZE = 0x1000
 READ_WRITE = RegionFlag.READ | RegionFlag.WRITE
-SQ_ENTRY_SIZE = 64
-CQ_ENTRY_SIZE = 16
+PAGE_SIZE = 4096
+MAX_IO_QUEUES = 31
 
 
-class DmaLookup(Protocol):
-    """Where guest-physical addresses are mapped (the vfio-user session's DMA windows)."""
+class GuestMemory(Protocol):
+    """The client's DMA-mapped memory (vfio_user.memory.DmaMemory): checked reads and writes."""
 
-    def find_window(self, addr: int, size: int) -> DmaWindow | None:
+    def contains(self, addr: int, size: int, writable: bool = False) -> bool:
+        ...
+
+    def read(self, addr: int, size: int) -> bytes:
+        ...
+
+    def write(self, addr: int, data: bytes) -> None:
         ...
 
 
@@ -40,11 +54,17 @@ class NvmeFunction:
 
     def __init__(self, name: str, caps: r.Capabilities = r.Capabilities(),
                  identity: PciIdentity = PciIdentity(), bars: BarLayout = BarLayout(),
-                 mappable_bar0: bool = True) -> None:
+                 mappable_bar0: bool = True,
+                 info: ident.ControllerInfo = ident.ControllerInfo()) -> None:
         self.name = name
         self.bars = bars
         self.registers = r.ControllerRegisters(caps)
         self.config = ConfigSpace(identity, bars)
+        self.admin = AdminCommands(info, caps.max_queue_entries, MAX_IO_QUEUES, bars.msix_vectors,
+                                   self._queue_memory_ok)
+        self._memory: GuestMemory | None = None
+        self.admin_sq: SubmissionQueue | None = None
+        self.admin_cq: CompletionQueue | None = None
         self.bar0_fd: int | None = None
         if mappable_bar0:
             # The file covers BAR0 up to the doorbell page's end; only that page is mappable.
@@ -115,29 +135,123 @@ class NvmeFunction:
                            % (offset, len(data)))
 
     # -- controller work ----------------------------------------------------------------------
-    def carry_out(self, event: Any, dma: DmaLookup) -> None:
-        """Do what a register write asked for.  Until queues run on the reactors, enabling checks
-        that the admin queues lie in mapped guest memory and reports ready (or fatal status)."""
+    def carry_out(self, event: Any, memory: GuestMemory) -> None:
+        """Do what a register write asked for: enabling maps the admin queues (controller fatal
+        status if they are not in writable mapped memory), disabling drops every queue."""
+        self._memory = memory
         if isinstance(event, r.Enable):
             admin = event.admin
-            sq = dma.find_window(admin.sq_addr, admin.sq_entries * SQ_ENTRY_SIZE)
-            cq = dma.find_window(admin.cq_addr, admin.cq_entries * CQ_ENTRY_SIZE)
-            if sq is None or cq is None or not cq.writable:
-                self.registers.report_enable_failed(
+            sq_bytes, cq_bytes = admin.sq_entries * SQE_SIZE, admin.cq_entries * CQE_SIZE
+            if not memory.contains(admin.sq_addr, sq_bytes) \
+                    or not memory.contains(admin.cq_addr, cq_bytes, writable=True):
+                self.registers.report_fatal(
                     "admin queues SQ %#x (%d) CQ %#x (%d) are not in writable mapped memory"
                     % (admin.sq_addr, admin.sq_entries, admin.cq_addr, admin.cq_entries))
-            else:
-                self.registers.report_ready()
+                return
+            self.admin_sq = SubmissionQueue(0, admin.sq_addr, admin.sq_entries)
+            self.admin_cq = CompletionQueue(0, admin.cq_addr, admin.cq_entries)
+            self.registers.report_ready()
         elif isinstance(event, r.Disable):
+            self._drop_queues()
             self.registers.report_disabled()
         elif isinstance(event, r.Shutdown):
             self.registers.report_shutdown_complete()
 
+    def _drop_queues(self) -> None:
+        self.admin_sq = self.admin_cq = None
+        self.admin.reset()
+        self.doorbells[:] = bytes(DOORBELL_PAGE_SIZE)
+
+    def _queue_memory_ok(self, addr: int, size: int, writable: bool) -> bool:
+        return self._memory is not None and self._memory.contains(addr, size, writable)
+
+    def poll(self, memory: GuestMemory, irq_fds: dict[int, list[int | None]]) -> int:
+        """One pass over the admin queue; interrupts go to the client's eventfds: the MSI-X
+        vector's while MSI-X is enabled, else INTx unless the Command register disables it."""
+        return self.poll_admin(memory, lambda vector: self._signal(irq_fds, vector))
+
+    def _signal(self, irq_fds: dict[int, list[int | None]], vector: int) -> None:
+        fd = None
+        if self.config.msix_enabled:
+            vectors = irq_fds.get(PciIrq.MSIX, [])
+            fd = vectors[vector] if vector < len(vectors) else None
+        elif not self.config.intx_disabled:
+            fd = (irq_fds.get(PciIrq.INTX) or [None])[0]
+        if fd is not None:
+            os.eventfd_write(fd, 1)
+
+    def poll_admin(self, memory: GuestMemory, signal: Any) -> int:
+        """Run what the host queued on the admin SQ (up to the free CQ slots); ``signal(vector)``
+        raises the admin CQ's interrupt.  Returns the number of commands completed."""
+        sq, cq = self.admin_sq, self.admin_cq
+        if sq is None or cq is None or not self.registers.ready:
+            return 0
+        self._memory = memory
+        sq_tail, cq_head = struct.unpack_from("<II", self.doorbells, 0)
+        try:
+            sq.ring(sq_tail)
+            cq.ring(cq_head)
+        except DoorbellError as exc:
+            log.warning("%s: %s: controller fatal status", self.name, exc)
+            self.registers.report_fatal(str(exc))
+            self.admin_sq = self.admin_cq = None
+            return 0
+        done = 0
+        while sq.pending() and not cq.full():
+            try:
+                sub = Submission.decode(memory.read(sq.pop(), SQE_SIZE))
+            except MemoryAccessError as exc:     # the SQ left guest memory under us
+                self.registers.report_fatal("admin SQ unreadable: %s" % exc)
+                return done
+            completion = self._run_admin(sub, memory)
+            if completion is None:
+                continue                     # held (an Asynchronous Event Request)
+            address, phase = cq.push()
+            entry = Completion(sub.cid, completion.status, completion.dw0, sq.head, 0).encode(phase)
+            try:
+                # DW0–DW2 first, then DW3 with the phase tag: the host never sees half an entry.
+                memory.write(address, entry[:12])
+                memory.write(address + 12, entry[12:])
+            except MemoryAccessError as exc:
+                self.registers.report_fatal("admin CQ unwritable: %s" % exc)
+                return done
+            done += 1
+        if done:
+            signal(cq.vector)
+        return done
+
+    def _run_admin(self, sub: Submission, memory: GuestMemory) -> Completion | None:
+        result = self.admin.execute(sub)
+        if result.held:
+            return None
+        status = result.status
+        if result.data is not None and status.ok:
+            try:
+                offset = 0
+                for addr, size in prp_segments(sub.prp1, sub.prp2, len(result.data), PAGE_SIZE,
+                                               self._read_list(memory)):
+                    memory.write(addr, result.data[offset:offset + size])
+                    offset += size
+            except DataPointerError as exc:
+                status = exc.status
+            except MemoryAccessError:
+                status = st.DATA_TRANSFER_ERROR
+        return Completion(sub.cid, status, result.dw0)
+
+    @staticmethod
+    def _read_list(memory: GuestMemory):
+        def read(addr: int, size: int) -> bytes:
+            try:
+                return memory.read(addr, size)
+            except MemoryAccessError as exc:
+                raise DataPointerError(st.DATA_TRANSFER_ERROR, str(exc)) from None
+        return read
+
     def reset(self) -> None:
-        """DEVICE_RESET: registers, config space and doorbells to power-on values."""
+        """DEVICE_RESET: registers, config space, queues and doorbells to power-on values."""
         self.registers.reset()
         self.config.reset()
-        self.doorbells[:] = bytes(DOORBELL_PAGE_SIZE)
+        self._drop_queues()
 
     def close(self) -> None:
         """Release the BAR0 memory (the controller is deleted)."""

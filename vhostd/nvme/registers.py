@@ -3,7 +3,7 @@
 ``ControllerRegisters.read(offset, size)`` returns register bytes; ``write(offset, data)`` stores
 what the host may change and returns *events* for the controller (enable with these admin queues,
 disable, shut down).  The controller reports back when it has done the work
-(``report_ready()``, ``report_enable_failed()``, ``report_disabled()``,
+(``report_ready()``, ``report_fatal()``, ``report_disabled()``,
 ``report_shutdown_complete()``) and the status register follows, so the ready and shutdown
 handshakes of the NVMe base specification stay here, in one place.
 Doorbells (0x1000 on) are not registers: the controller keeps them in shared memory.
@@ -91,7 +91,7 @@ class AdminQueues:
 @dataclass(frozen=True)
 class Enable:
     """CC.EN 0→1 with a valid configuration: map the admin queues, then call ``report_ready()``
-    (or ``report_enable_failed()`` if they cannot be reached)."""
+    (or ``report_fatal()`` if they cannot be reached)."""
 
     admin: AdminQueues
     page_size: int
@@ -254,9 +254,10 @@ class ControllerRegisters:
         if self.enabled:
             self.csts = (self.csts | CSTS_RDY) & ~CSTS_CFS
 
-    def report_enable_failed(self, reason: str) -> None:
-        """The admin queues could not be reached: controller fatal status."""
-        log.warning("controller enable failed: %s", reason)
+    def report_fatal(self, reason: str) -> None:
+        """The controller cannot go on (admin queues unreachable, an impossible doorbell):
+        controller fatal status, until the host resets it."""
+        log.warning("controller fatal status: %s", reason)
         self.csts |= CSTS_CFS
 
     def report_disabled(self) -> None:

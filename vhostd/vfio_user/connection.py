@@ -8,28 +8,38 @@ gave is released and the device keeps its state for the next client.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
-import mmap
 import os
 from typing import Any, Protocol
 
 from . import protocol as p
 from . import session as s
+from .memory import DmaMemory
 from .transport import ConnectionClosed, Transport
 
 log = logging.getLogger(__name__)
+
+# Until the reactors poll NVMe queues, the control plane looks at the admin queue: often while
+# commands come, rarely after a quiet spell (doorbells through the mmap send no message).
+POLL_INTERVAL_S = 0.001
+IDLE_POLL_INTERVAL_S = 0.02
+IDLE_AFTER_POLLS = 1000
 
 
 class ServedDevice(s.DeviceModel, Protocol):
     """A device the connection can serve: the session's interface, plus the work its register
     writes ask for and a reset."""
 
-    def carry_out(self, event: Any, dma: Any) -> None:
-        """Do what a ``region_write`` event asks; ``dma`` finds mapped windows."""
+    def carry_out(self, event: Any, memory: DmaMemory) -> None:
+        """Do what a ``region_write`` event asks, with the client's guest memory."""
 
     def reset(self) -> None:
         """DEVICE_RESET."""
+
+    def poll(self, memory: DmaMemory, irq_fds: dict[int, list[int | None]]) -> int:
+        """Run queued work (the admin queue) once; returns how much was done."""
 
 
 class Connection:
@@ -39,22 +49,38 @@ class Connection:
         self.transport = transport
         self.device = device
         self.session = s.Session(device)
-        self.mappings: dict[int, mmap.mmap] = {}      # by window start address
+        self.memory = DmaMemory()
         self._failed: set[int] = set()                # msg ids whose mapping failed
+        self._quiet_polls = 0
 
     async def run(self) -> None:
         """Serve until the client leaves or breaks the protocol, then release what it gave."""
+        poller = asyncio.get_running_loop().create_task(self._poll_loop())
         try:
             while True:
                 msg = await self.transport.receive()
                 effects = self.session.receive(msg)
                 await self._carry_out(effects, msg.msg_id)
+                self._poll()
         except ConnectionClosed:
             log.info("%s: vfio-user client left", self.device.name)
         except p.ProtocolError as exc:
             log.warning("%s: vfio-user client dropped: %s", self.device.name, exc)
         finally:
+            poller.cancel()
             self.close()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            quiet = self._quiet_polls >= IDLE_AFTER_POLLS
+            await asyncio.sleep(IDLE_POLL_INTERVAL_S if quiet else POLL_INTERVAL_S)
+            self._poll()
+
+    def _poll(self) -> None:
+        if self.device.poll(self.memory, self.session.irq_fds):
+            self._quiet_polls = 0
+        else:
+            self._quiet_polls += 1
 
     def close(self) -> None:
         for effect in self.session.close():
@@ -80,14 +106,12 @@ class Connection:
             elif isinstance(effect, s.ResetDevice):
                 self.device.reset()
             else:
-                self.device.carry_out(effect, self.session)
+                self.device.carry_out(effect, self.memory)
 
     def _map(self, effect: s.MapDma, msg_id: int) -> None:
         window = effect.window
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if window.writable else 0)
         try:
-            self.mappings[window.addr] = mmap.mmap(effect.fd, window.size, mmap.MAP_SHARED, prot,
-                                                   offset=window.offset)
+            self.memory.map(window, effect.fd)
         except (OSError, ValueError) as exc:
             log.warning("%s: cannot map DMA window %#x+%#x: %s", self.device.name, window.addr,
                         window.size, exc)
@@ -98,9 +122,7 @@ class Connection:
 
     def _release(self, effect: Any) -> None:
         if isinstance(effect, s.UnmapDma):
-            mapping = self.mappings.pop(effect.window.addr, None)
-            if mapping is not None:
-                mapping.close()
+            self.memory.unmap(effect.window)
         elif isinstance(effect, s.UpdateIrqs):
             p.close_fds(effect.old_fds)
 
