@@ -52,6 +52,11 @@ class Client:
         self.transport.close()
 
 
+def memfd() -> int:
+    """Guest RAM as QEMU makes it: a memfd that can be sealed."""
+    return os.memfd_create("ram", os.MFD_ALLOW_SEALING)
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -91,10 +96,12 @@ def test_guest_memory_and_the_doorbell_page_are_shared_both_ways(socket_dir):
     async def scenario(endpoint, function):
         client = await Client.connect(endpoint.path)
         assert (await client.negotiate()).capabilities["max_msg_fds"] == 8
-        ram = os.memfd_create("ram")
+        ram = memfd()
         os.ftruncate(ram, 2 * MB)
         reply = await client.call(Command.DMA_MAP, p.DmaMap(3, MB, 0x100000, MB).encode(), [ram])
         assert reply.error == 0
+        with pytest.raises(PermissionError):
+            os.ftruncate(ram, MB)                 # sealed now: it cannot shrink under us
         os.pwrite(ram, b"guest bytes", MB + 0x10)
         assert endpoint.connection.memory.read(0x100010, 11) == b"guest bytes"
         # BAR0's region info carries the doorbell page's fd; a store there reaches the device.
@@ -120,7 +127,7 @@ def test_refused_commands_get_error_replies_and_the_connection_stays(socket_dir)
     async def scenario(endpoint, function):
         client = await Client.connect(endpoint.path)
         await client.negotiate()
-        small = os.memfd_create("small")
+        small = memfd()
         os.ftruncate(small, 4096)
         reply = await client.call(Command.DMA_MAP, p.DmaMap(3, 0, 0, MB).encode(), [small])
         assert (reply.flags & p.FLAG_ERROR, reply.error) == (p.FLAG_ERROR, errno.EINVAL)
@@ -129,6 +136,13 @@ def test_refused_commands_get_error_replies_and_the_connection_stays(socket_dir)
         reply = await client.call(Command.REGION_READ, p.RegionAccess(0, PciRegion.CONFIG, 4).encode())
         assert p.RegionAccess.decode(reply.payload).data == b"\x58\x4e\x01\x00"
         os.close(small)
+        # An fd the client could shrink under the mapping is refused (a SIGBUS would end us).
+        unsealable = os.memfd_create("unsealable")
+        os.ftruncate(unsealable, MB)
+        reply = await client.call(Command.DMA_MAP, p.DmaMap(3, 0, 0, MB).encode(), [unsealable])
+        assert reply.error == errno.EINVAL and len(endpoint.connection.memory) == 0
+        assert endpoint.connection.session.dma_windows == {}
+        os.close(unsealable)
         client.close()
 
     serve(socket_dir, scenario)
@@ -171,7 +185,7 @@ def test_a_client_that_leaves_gives_back_every_fd_and_mapping(socket_dir):
         baseline = open_fds()
         client = await Client.connect(endpoint.path)
         await client.negotiate()
-        ram = os.memfd_create("ram")
+        ram = memfd()
         os.ftruncate(ram, MB)
         await client.call(Command.DMA_MAP, p.DmaMap(3, 0, 0, MB).encode(), [ram])
         vectors = [os.eventfd(0) for _ in range(3)]

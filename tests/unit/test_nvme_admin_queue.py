@@ -163,3 +163,14 @@ def test_interrupts_follow_msix_enable_and_the_intx_disable_bit(function, ram):
         os.eventfd_read(intx)
     os.close(intx)
     os.close(vector0)
+
+
+def test_admin_queues_whose_memory_is_unmapped_wait_for_it(function, ram):
+    # Firmware unmaps and remaps low memory around resets: no fatal status, the queue resumes.
+    host = Host(function, ram)
+    host.submit(0x18, cid=4)
+    function.doorbells[0:4] = struct.pack("<I", host.sq_tail)
+    assert function.poll_admin(Memory(0x1000), host.signals.append) == 0
+    assert not function.registers.csts & r.CSTS_CFS
+    assert function.poll_admin(ram, host.signals.append) == 1
+    assert [c.cid for c in host.reap()] == [4]

@@ -187,6 +187,9 @@ class NvmeFunction:
         if sq is None or cq is None or not self.registers.ready:
             return 0
         self._memory = memory
+        if not memory.contains(sq.addr, sq.entries * SQE_SIZE) \
+                or not memory.contains(cq.addr, cq.entries * CQE_SIZE, writable=True):
+            return 0              # unmapped for now (firmware remaps low memory): wait for it
         sq_tail, cq_head = struct.unpack_from("<II", self.doorbells, 0)
         try:
             sq.ring(sq_tail)

@@ -50,7 +50,7 @@ class Connection:
         self.device = device
         self.session = s.Session(device)
         self.memory = DmaMemory()
-        self._failed: set[int] = set()                # msg ids whose mapping failed
+        self._failed: dict[int, int] = {}             # msg id → errno of a mapping that failed
         self._quiet_polls = 0
 
     async def run(self) -> None:
@@ -92,8 +92,7 @@ class Connection:
         for effect in effects:
             if isinstance(effect, s.Reply):
                 if msg_id in self._failed:
-                    self._failed.discard(msg_id)
-                    effect = s.Reply(effect.msg_id, effect.command, errno=errno.ENOMEM)
+                    effect = s.Reply(effect.msg_id, effect.command, errno=self._failed.pop(msg_id))
                 await self.transport.send(effect.encode(), effect.fds)
             elif isinstance(effect, s.MapDma):
                 self._map(effect, msg_id)
@@ -116,7 +115,7 @@ class Connection:
             log.warning("%s: cannot map DMA window %#x+%#x: %s", self.device.name, window.addr,
                         window.size, exc)
             self.session.dma_windows.pop(window.addr, None)
-            self._failed.add(msg_id)
+            self._failed[msg_id] = errno.EINVAL if isinstance(exc, ValueError) else errno.ENOMEM
         finally:
             os.close(effect.fd)
 

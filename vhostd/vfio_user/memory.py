@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 
+from ..memfd import fix_size
 from .session import DmaWindow
 
 
@@ -25,7 +26,10 @@ class DmaMemory:
         return len(self._windows)
 
     def map(self, window: DmaWindow, fd: int) -> None:
-        """mmap ``window`` from ``fd`` (the caller closes the fd); raises OSError/ValueError."""
+        """mmap ``window`` from ``fd`` (the caller closes the fd); raises OSError, or ValueError
+        for an fd the client could shrink under the mapping (the control plane reads guest memory
+        from Python, where a SIGBUS would end the daemon)."""
+        fix_size(fd, "DMA window's fd")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if window.writable else 0)
         self._windows[window.addr] = (window, mmap.mmap(fd, window.size, mmap.MAP_SHARED, prot,
                                                         offset=window.offset))
