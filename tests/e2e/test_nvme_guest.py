@@ -1,6 +1,7 @@
 """A real Linux guest (TCG) in QEMU 11.1 probes vhostd's NVMe controller over vfio-user: the stock
-nvme driver enables it, identifies it, and creates one I/O queue pair per vCPU.  No namespaces yet:
-the controller is /dev/nvme0 without disks."""
+nvme driver enables it, identifies it, and creates one I/O queue pair per vCPU, from an in-process
+endpoint and from a daemon configured with SPDK's spdk-rpc.  No namespaces yet: the controller is
+/dev/nvme0 without disks."""
 
 from __future__ import annotations
 
@@ -60,4 +61,22 @@ def test_linux_probes_the_controller_with_one_io_queue_per_vcpu(qemu_root, boot_
     admin = nvme_endpoint.endpoint.device.admin
     assert sorted(admin.sqs) == [1, 2] and sorted(admin.cqs) == [1, 2]
     assert all(cq.interrupts for cq in admin.cqs.values())
+    assert guest.poweroff() == 0
+
+
+def test_a_controller_made_with_spdk_rpc_on_the_daemon_is_probed_by_linux(qemu_root, boot_guest, vhostd):
+    d = vhostd()
+    traddr = d.socket_dir / "vfu0"
+    traddr.mkdir()
+    nqn = "nqn.2016-06.io.spdk:vfu0"
+    d.spdk("nvmf_create_transport", "-t", "VFIOUSER")
+    d.spdk("nvmf_create_subsystem", nqn, "-a", "-s", "SN0001", "-d", "vhostd NVMe")
+    d.spdk("nvmf_subsystem_add_listener", nqn, "-t", "VFIOUSER", "-a", str(traddr))
+    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(traddr / "cntrl")}}
+    guest = boot_guest(qemu_binary=str(qemu_root.qemu_system), extra_args=["-device", json.dumps(device)])
+    guest.wait_for_path("/dev/nvme0")
+    assert guest.read_sysfs("/sys/class/nvme/nvme0/model").rstrip() == "vhostd NVMe"
+    assert guest.read_sysfs("/sys/class/nvme/nvme0/serial").rstrip() == "SN0001"
+    assert guest.read_sysfs("/sys/class/nvme/nvme0/subsysnqn") == nqn
+    assert guest.read_sysfs("/sys/class/nvme/nvme0/state") == "live"
     assert guest.poweroff() == 0
