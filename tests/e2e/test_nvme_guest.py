@@ -80,3 +80,19 @@ def test_a_controller_made_with_spdk_rpc_on_the_daemon_is_probed_by_linux(qemu_r
     assert guest.read_sysfs("/sys/class/nvme/nvme0/subsysnqn") == nqn
     assert guest.read_sysfs("/sys/class/nvme/nvme0/state") == "live"
     assert guest.poweroff() == 0
+
+
+def test_the_controller_comes_back_after_a_guest_reboot(qemu_root, boot_guest, nvme_endpoint):
+    # A reboot: Linux deletes its I/O queues and shuts the controller down, QEMU resets the device
+    # (DEVICE_RESET, DMA remaps), firmware and Linux bring it up again.
+    device = {"driver": "vfio-user-pci",
+              "socket": {"type": "unix", "path": str(nvme_endpoint.endpoint.path)}}
+    guest = boot_guest(qemu_binary=str(qemu_root.qemu_system), smp=2, reboot_resets=True,
+                       extra_args=["-device", json.dumps(device)])
+    guest.wait_for_path("/dev/nvme0")
+    print("guest rebooted in %.1f s" % guest.reboot())
+    guest.wait_for_path("/dev/nvme0")
+    assert guest.read_sysfs("/sys/class/nvme/nvme0/state") == "live"
+    assert any("2/0/0 default/read/poll queues" in line for line in guest.dmesg().splitlines())
+    assert nvme_endpoint.endpoint.clients_served == 1
+    assert guest.poweroff() == 0
