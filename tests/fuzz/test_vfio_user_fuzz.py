@@ -196,7 +196,7 @@ def _huge_size(peer):
 
 
 def _before_version(peer):
-    peer.command(Command.DMA_MAP, p.DmaMap(3, 0, 0, MB).encode(), [memfd(MB, sealable=True)])
+    peer.command(Command.DMA_MAP, p.DmaMap(3, 0, 0, MB).encode(), [memfd(MB)])
 
 
 def _bad_json(peer):
@@ -212,29 +212,48 @@ def _too_many_fds(peer):
         os.close(fd)
 
 
-def _dma_beyond_fd_and_unsealed_and_overlapping(peer):
+def enable_controller(peer):
+    """Admin queues at 0x10000/0x20000 (32 entries), then CC.EN=1, by trapped register writes."""
+    for offset, value in ((r.Reg.AQA, 0x001F001F), (r.Reg.ASQ, 0x10000), (r.Reg.ACQ, 0x20000),
+                          (r.Reg.CC, 0x00460001)):
+        access = p.RegionAccess(offset, PciRegion.BAR0, 4, struct.pack("<I", value))
+        assert peer.call(Command.REGION_WRITE, access.encode())[0][4] == 0
+
+
+def _dma_beyond_fd_and_overlapping(peer):
     peer.negotiate()
-    small = memfd(4096, sealable=True)
+    small = memfd(4096)
     assert peer.call(Command.DMA_MAP, p.DmaMap(3, 0, 0, MB).encode(), [small])[0][4] == 22
-    unsealed = memfd(MB)
-    assert peer.call(Command.DMA_MAP, p.DmaMap(3, 0, 0, MB).encode(), [unsealed])[0][4] == 22
-    ram = memfd(2 * MB, sealable=True)
+    ram = memfd(2 * MB)
     assert peer.call(Command.DMA_MAP, p.DmaMap(3, 0, 0, 2 * MB).encode(), [ram])[0][4] == 0
     assert peer.call(Command.DMA_MAP, p.DmaMap(3, 0, MB, MB).encode(), [ram])[0][4] == 17
-    for fd in (small, unsealed, ram):
+    pipe_r, pipe_w = os.pipe()
+    assert peer.call(Command.DMA_MAP, p.DmaMap(3, 0, 0x400000, MB).encode(), [pipe_r])[0][4] == 22
+    for fd in (small, ram, pipe_r, pipe_w):
         os.close(fd)
+
+
+def _truncate_guest_memory_under_an_enabled_controller(peer):
+    """The daemon's admin-queue poll touches the lost pages: zeros, no SIGBUS; the client is
+    dropped."""
+    peer.negotiate()
+    ram = memfd(2 * MB)
+    assert peer.call(Command.DMA_MAP, p.DmaMap(3, 0, 0, 2 * MB).encode(), [ram])[0][4] == 0
+    enable_controller(peer)
+    os.ftruncate(ram, 0)
+    trapped = p.RegionAccess(0x1000, PciRegion.BAR0, 4, struct.pack("<I", 1))   # SQ 0 tail
+    peer.command(Command.REGION_WRITE, trapped.encode())
+    assert peer.closed_by_daemon()
+    os.close(ram)
 
 
 def _unmap_in_use_and_hostile_doorbells(peer):
     """Enable the controller over mapped RAM, ring an impossible doorbell through the mmapped
     BAR0 page, unmap the admin queues' memory while enabled, then leave."""
     peer.negotiate()
-    ram = memfd(2 * MB, sealable=True)
+    ram = memfd(2 * MB)
     assert peer.call(Command.DMA_MAP, p.DmaMap(3, 0, 0, 2 * MB).encode(), [ram])[0][4] == 0
-    for offset, value in ((r.Reg.AQA, 0x001F001F), (r.Reg.ASQ, 0x10000), (r.Reg.ACQ, 0x20000),
-                          (r.Reg.CC, 0x00460001)):
-        access = p.RegionAccess(offset, PciRegion.BAR0, 4, struct.pack("<I", value))
-        assert peer.call(Command.REGION_WRITE, access.encode())[0][4] == 0
+    enable_controller(peer)
     header, payload, fds = peer.call(Command.DEVICE_GET_REGION_INFO,
                                      p.RegionInfo(PciRegion.BAR0, 0, 0, 0, argsz=64).encode())
     doorbells = mmap.mmap(fds[0], 0x1000, offset=0x1000)
@@ -276,7 +295,8 @@ def _out_of_range_accesses(peer):
 
 
 CASES = [_short_header, _size_below_header, _huge_size, _before_version, _bad_json, _too_many_fds,
-         _dma_beyond_fd_and_unsealed_and_overlapping, _unmap_in_use_and_hostile_doorbells,
+         _dma_beyond_fd_and_overlapping, _truncate_guest_memory_under_an_enabled_controller,
+         _unmap_in_use_and_hostile_doorbells,
          _eventfds_then_vanish, _half_a_message, _out_of_range_accesses]
 
 
@@ -302,7 +322,7 @@ def test_generated_message_sequences_after_version(target, messages):
     try:
         peer.negotiate()
         for command, payload, nfds, flags in messages:
-            fds = [memfd(4096, sealable=True) for _ in range(nfds)]
+            fds = [memfd(4096) for _ in range(nfds)]
             try:
                 peer.next_id += 1
                 peer.send(p.encode(peer.next_id, command, payload, flags), fds)

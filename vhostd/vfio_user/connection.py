@@ -2,8 +2,8 @@
 
 Messages are handled one at a time, each with all its effects finished before the next, so an
 unmap is complete before its reply and register writes take effect in order.  DMA windows are
-mmapped here (MAP_SHARED of the client's fds); on EOF or a protocol error everything the client
-gave is released and the device keeps its state for the next client.
+mapped here, in the data plane's GuestMemory; on EOF, a protocol error or guest memory the client
+truncated, everything it gave is released and the device keeps its state for the next client.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Connection:
 
     async def run(self) -> None:
         """Serve until the client leaves or breaks the protocol, then release what it gave."""
-        poller = asyncio.get_running_loop().create_task(self._poll_loop())
+        poller = asyncio.get_running_loop().create_task(self._poll_loop(asyncio.current_task()))
         try:
             while True:
                 msg = await self.transport.receive()
@@ -70,10 +70,17 @@ class Connection:
             poller.cancel()
             self.close()
 
-    async def _poll_loop(self) -> None:
+    async def _poll_loop(self, serving: asyncio.Task | None) -> None:
         while True:
             quiet = self._quiet_polls >= IDLE_AFTER_POLLS
             await asyncio.sleep(IDLE_POLL_INTERVAL_S if quiet else POLL_INTERVAL_S)
+            if self.memory.truncated:
+                # The client truncated a file behind guest memory: its lost pages read zeros now.
+                log.warning("%s: vfio-user client truncated its guest memory: dropped",
+                            self.device.name)
+                if serving is not None:
+                    serving.cancel()
+                return
             self._poll()
 
     def _poll(self) -> None:
@@ -85,6 +92,7 @@ class Connection:
     def close(self) -> None:
         for effect in self.session.close():
             self._release(effect)
+        self.memory.close()
         p.close_fds(self.session.owned_fds())
         self.transport.close()
 

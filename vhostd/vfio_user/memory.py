@@ -1,14 +1,15 @@
-"""Guest memory as the client's DMA windows map it: mmaps of the client's fds, by guest address.
+"""Guest memory as the client's DMA windows map it, in the data plane's ``GuestMemory`` (the object
+the vhost-user path uses): each window with an fd is a region whose guest address is also its key.
 
-Every access is checked to lie inside one window (and a writable one for stores) before it is made,
-so a hostile address is a ``MemoryAccessError``, never a read or write outside guest memory.
+Every access is checked to lie in mapped memory (and in a writable window for stores) before it is
+made, so a hostile address is a ``MemoryAccessError``, never a read or write outside guest memory.
+``GuestMemory`` guards its mappings: a client that truncates the file behind a window makes the
+lost pages read zeros instead of raising SIGBUS, and ``truncated`` tells the connection to end.
 """
 
 from __future__ import annotations
 
-import mmap
-
-from ..memfd import fix_size
+from .. import _dataplane as dp
 from .session import DmaWindow
 
 
@@ -20,48 +21,50 @@ class DmaMemory:
     """The mapped DMA windows of one client."""
 
     def __init__(self) -> None:
-        self._windows: dict[int, tuple[DmaWindow, mmap.mmap]] = {}
+        self.guest = dp.GuestMemory()
+        self._windows: dict[int, DmaWindow] = {}
 
     def __len__(self) -> int:
         return len(self._windows)
 
     def map(self, window: DmaWindow, fd: int) -> None:
-        """mmap ``window`` from ``fd`` (the caller closes the fd); raises OSError, or ValueError
-        for an fd the client could shrink under the mapping (the control plane reads guest memory
-        from Python, where a SIGBUS would end the daemon)."""
-        fix_size(fd, "DMA window's fd")
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if window.writable else 0)
-        self._windows[window.addr] = (window, mmap.mmap(fd, window.size, mmap.MAP_SHARED, prot,
-                                                        offset=window.offset))
+        """Map ``window`` from ``fd`` (the caller closes the fd); ValueError or OSError if it cannot
+        be (beyond the fd's end, too many regions, mmap failure)."""
+        self.guest.add_region(window.addr, window.size, window.addr, window.offset, fd)
+        self._windows[window.addr] = window
 
     def unmap(self, window: DmaWindow) -> None:
-        entry = self._windows.pop(window.addr, None)
-        if entry is not None:
-            entry[1].close()
+        if self._windows.pop(window.addr, None) is not None:
+            self.guest.remove_region(window.addr, window.size, window.addr)
 
-    def unmap_all(self) -> None:
-        for window, _ in list(self._windows.values()):
-            self.unmap(window)
+    def close(self) -> None:
+        self._windows.clear()
+        self.guest.close()
 
-    def _locate(self, addr: int, size: int, write: bool) -> tuple[mmap.mmap, int]:
-        for window, mapping in self._windows.values():
-            if window.addr <= addr and addr + size <= window.end:
-                if write and not window.writable:
-                    raise MemoryAccessError("store to read-only window at %#x" % addr)
-                return mapping, addr - window.addr
-        raise MemoryAccessError("%#x+%#x is not in mapped guest memory" % (addr, size))
+    @property
+    def truncated(self) -> bool:
+        return bool(self.guest.truncated)
+
+    def _check(self, addr: int, size: int, write: bool) -> None:
+        if self.guest.translate(addr, size) is None:
+            raise MemoryAccessError("%#x+%#x is not in mapped guest memory" % (addr, size))
+        if write:
+            end = addr + size
+            for window in self._windows.values():
+                if addr < window.end and window.addr < end and not window.writable:
+                    raise MemoryAccessError("store to read-only window at %#x" % window.addr)
 
     def contains(self, addr: int, size: int, writable: bool = False) -> bool:
         try:
-            self._locate(addr, size, writable)
+            self._check(addr, size, writable)
         except MemoryAccessError:
             return False
         return True
 
     def read(self, addr: int, size: int) -> bytes:
-        mapping, offset = self._locate(addr, size, False)
-        return mapping[offset:offset + size]
+        self._check(addr, size, False)
+        return self.guest.read(addr, size)
 
     def write(self, addr: int, data: bytes) -> None:
-        mapping, offset = self._locate(addr, len(data), True)
-        mapping[offset:offset + len(data)] = data
+        self._check(addr, len(data), True)
+        self.guest.write(addr, data)
