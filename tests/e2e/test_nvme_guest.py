@@ -96,3 +96,18 @@ def test_the_controller_comes_back_after_a_guest_reboot(qemu_root, boot_guest, n
     assert any("2/0/0 default/read/poll queues" in line for line in guest.dmesg().splitlines())
     assert nvme_endpoint.endpoint.clients_served == 1
     assert guest.poweroff() == 0
+
+
+def test_a_new_qemu_is_served_after_one_is_killed(qemu_root, boot_guest, nvme_endpoint):
+    # SIGKILL sends nothing: EOF releases the first client's memory and eventfds, the next QEMU
+    # resets the controller at realize and its guest probes it again.
+    device = {"driver": "vfio-user-pci",
+              "socket": {"type": "unix", "path": str(nvme_endpoint.endpoint.path)}}
+    first = boot_guest(qemu_binary=str(qemu_root.qemu_system), extra_args=["-device", json.dumps(device)])
+    first.wait_for_path("/dev/nvme0")
+    first.kill()
+    second = boot_guest(qemu_binary=str(qemu_root.qemu_system), extra_args=["-device", json.dumps(device)])
+    second.wait_for_path("/dev/nvme0")
+    assert second.read_sysfs("/sys/class/nvme/nvme0/state") == "live"
+    assert nvme_endpoint.endpoint.clients_served == 2
+    assert second.poweroff() == 0

@@ -73,7 +73,7 @@ def serve(socket_dir, scenario):
     """Run ``scenario(endpoint, function)`` against a started endpoint, then stop it."""
     async def main():
         function = NvmeFunction("nvme0")
-        endpoint = Endpoint(socket_dir / "cntrl", function)
+        endpoint = Endpoint(socket_dir / "cntrl", function, takeover_wait_s=0.2)
         await endpoint.start()
         try:
             await scenario(endpoint, function)
@@ -150,6 +150,19 @@ def test_a_client_sending_garbage_is_dropped_and_the_next_one_served(socket_dir)
         await again.negotiate()
         assert endpoint.clients_served == 2
         again.close()
+
+    serve(socket_dir, scenario)
+
+
+def test_a_client_that_comes_as_the_first_leaves_is_served(socket_dir):
+    async def scenario(endpoint, function):
+        first = await Client.connect(endpoint.path)
+        await first.negotiate()
+        second = await Client.connect(endpoint.path)
+        first.close()
+        await second.negotiate()
+        assert endpoint.clients_served == 2
+        second.close()
 
     serve(socket_dir, scenario)
 

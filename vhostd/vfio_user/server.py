@@ -1,8 +1,9 @@
 """A vfio-user endpoint: a listening Unix socket that serves one client of one device at a time.
 
-QEMU's vfio-user-pci connects when the device is realized, so the socket must exist first.  A
-second client while one is served is closed at once (the protocol has one client per device); when
-the client leaves the next one is served with the device state as it was.
+QEMU's vfio-user-pci connects when the device is realized, so the socket must exist first.  One
+client at a time: a second one waits a moment for the first to leave (a QEMU restarted after a
+kill, whose EOF may not have been read yet) and is closed if it does not; the next client is
+served with the device state as it was.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ log = logging.getLogger(__name__)
 class Endpoint:
     """Listens on ``path`` for clients of ``device``."""
 
-    def __init__(self, path: str | Path, device: ServedDevice, mode: int = 0o600) -> None:
+    def __init__(self, path: str | Path, device: ServedDevice, mode: int = 0o600,
+                 takeover_wait_s: float = 5.0) -> None:
         self.path = Path(path)
+        self.takeover_wait_s = takeover_wait_s
         self.device = device
         self.mode = mode
         self.connection: Connection | None = None
@@ -50,9 +53,12 @@ class Endpoint:
         while True:
             client, _ = await loop.sock_accept(self._sock)
             if self._serving is not None and not self._serving.done():
-                log.warning("%s: a second vfio-user client refused (one is served)", self.device.name)
-                client.close()
-                continue
+                done, _ = await asyncio.wait({self._serving}, timeout=self.takeover_wait_s)
+                if not done:
+                    log.warning("%s: a second vfio-user client refused (one is served)",
+                                self.device.name)
+                    client.close()
+                    continue
             self.connection = Connection(Transport(client), self.device)
             self.clients_served += 1
             self._serving = loop.create_task(self.connection.run())
