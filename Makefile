@@ -10,7 +10,7 @@ SOCKET_DIR ?= /var/tmp
 RPC_SOCKET ?= /var/tmp/spdk.sock
 PYTEST_ARGS ?=
 
-.PHONY: run test demo deps sysdeps venv build guest clean
+.PHONY: run test demo deps sysdeps venv build guest qemu-root clean
 
 run: deps
 	@echo "vhostd: demo config scripts/demo-config.json: blk controller vhost.0 (Malloc0, 64 MiB),"
@@ -24,7 +24,7 @@ run: deps
 	@echo "RPC: .venv/bin/spdk-rpc -s $(RPC_SOCKET) bdev_get_bdevs   metrics: http://127.0.0.1:9250/metrics"
 	$(BIN)/vhostd -S $(SOCKET_DIR) -r $(RPC_SOCKET) -m 0x1 --json scripts/demo-config.json --http 127.0.0.1:9250
 
-test: deps guest
+test: deps guest qemu-root
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Boots the test guest on the demo config's blk and scsi controllers; tests/e2e/test_demo.py runs it.
@@ -53,6 +53,10 @@ build: venv
 # The e2e test guest: Debian cloud kernel + busybox initramfs with the virtio modules.
 guest:
 	scripts/build-guest.sh build/guest
+
+# QEMU 11.1 (vfio-user client) in a Debian 13 root, for the NVMe tests; the host keeps its own QEMU.
+qemu-root:
+	scripts/build-qemu-root.sh build/qemu-root
 
 clean:
 	rm -rf build $(VENV) vhostd/*.so ext/*.c *.egg-info

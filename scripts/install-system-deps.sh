@@ -13,6 +13,7 @@ PACKAGES=(
     ceph-mon ceph-osd ceph-mgr ceph-common                      # the tests' one-node Ceph cluster, `rbd export`
     qemu-block-extra                                            # QEMU's rbd driver: the benchmark's qsd-rbd target
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # a real libvirt domain on vhostd disks
+    mmdebstrap                                                  # the Debian 13 root with QEMU 11.1 (vfio-user)
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -25,6 +25,7 @@ from .dataplane import ReactorSet
 from .errors import AlreadyExists, NotFound
 from .logs import Logs
 from .metrics import Metrics
+from .nvme.target import NvmfTarget
 from .rpc import methods as _methods  # noqa: F401  (registers every method)
 from .rpc.dispatch import Dispatcher
 from .rpc.http import HttpServer, load_credentials
@@ -75,6 +76,7 @@ class App:
                 raise StartupError("no group %r for --socket-group" % options.socket_group) from None
         self.vhost = VhostManager(options.socket_dir, self.reactors, self.bdevs.find,
                                   options.socket_mode, gid)
+        self.nvmf = NvmfTarget(options.socket_mode)
         self.metrics = Metrics(self)
         self.dispatcher = Dispatcher(self, REGISTRY, self.metrics.observe_rpc)
         self.rpc = RpcServer(options.rpc_socket, self.dispatcher)
@@ -145,6 +147,7 @@ class App:
             await self.http.stop()
         await self.rpc.stop()
         await self.vhost.shutdown()
+        await self.nvmf.shutdown()
         for bdev in list(self.bdevs):
             if isinstance(bdev, VirtioBlkBdev):
                 await self._release_virtio(bdev)

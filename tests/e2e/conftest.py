@@ -19,6 +19,7 @@ from guest import Guest, GuestImage, GuestShell, tail_text
 from libvirt_host import LibvirtDaemon, LibvirtGuest
 from qsd import StorageDaemon
 from tests.helpers.daemon import Daemon
+from tests.helpers.qemu_root import QEMU_ROOT_DIR, QemuRoot, QemuRootError, build_qemu_root
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = REPO_ROOT / "build" / "guest"
@@ -61,6 +62,17 @@ def guest_image() -> GuestImage:
             f"{BUILD_SCRIPT} failed ({result.returncode}):\n{result.stderr}{result.stdout}", pytrace=False
         )
     return GuestImage.from_dir(GUEST_DIR)
+
+
+@pytest.fixture(scope="session")
+def qemu_root() -> QemuRoot:
+    """The Debian 13 root with QEMU 11.1 (vfio-user-pci), built into build/qemu-root on first use."""
+    if not (QEMU_ROOT_DIR / ".stamp").exists() and not shutil.which("mmdebstrap"):
+        missing_dependency("building the QEMU 11.1 root needs mmdebstrap")
+    try:
+        return build_qemu_root()
+    except QemuRootError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture

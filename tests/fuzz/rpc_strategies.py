@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "rpc_schema"
 
-# Methods whose valid form would end the daemon under test or hang the caller by design; their
-# mutated (refused) forms are still sent.
-NEVER_VALID = {"spdk_kill_instance"}
+# Methods whose valid form would end the daemon under test or hang the caller by design, or create
+# a socket in whatever host directory it names (a listener's traddr); their mutated (refused) forms
+# are still sent.
+NEVER_VALID = {"spdk_kill_instance", "nvmf_subsystem_add_listener"}
 
 # Bounds on valid values where the schema's own range asks the daemon to wait or allocate for a
 # very long time: a bdev_get_bdevs timeout is milliseconds to wait for the bdev to appear.

@@ -19,7 +19,6 @@ import mmap
 import os
 import random
 import struct
-import threading
 import time
 
 import pytest
@@ -27,6 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.fuzz.conftest import examples
+from tests.fuzz.traffic import BackgroundTraffic
 from tests.fuzz.vhost_peer import FD_KINDS, HostilePeer, any_fd, fd_count, guest_mappings, maps, memfd
 from tests.helpers.daemon import Daemon
 from vhostd.initiator.blk import VirtioBlk
@@ -43,42 +43,21 @@ MEM = 1 << 20
 UADDR = 0x7F0000000000
 
 
-class GoodTraffic:
+class GoodTraffic(BackgroundTraffic):
     """The project's front-end on good.0, writing and verifying in a thread until stopped."""
+
+    name = "good.0"
 
     def __init__(self, socket_path: str) -> None:
         self.dev = VirtioBlk(socket_path, queue_size=64, memory_bytes=8 << 20).open()
-        self.done = 0
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.start()
 
-    def _run(self) -> None:
-        n = 0
-        try:
-            while not self._stop.is_set():
-                data = bytes([n & 0xFF]) * 4096
-                self.dev.write(8 * (n % 64), data)
-                assert self.dev.read(8 * (n % 64), 4096) == data
-                n += 1
-                self.done = n
-                time.sleep(0.002)
-        except BaseException as exc:           # reported by check()
-            self.error = exc
+    def step(self, n: int) -> None:
+        data = bytes([n & 0xFF]) * 4096
+        self.dev.write(8 * (n % 64), data)
+        assert self.dev.read(8 * (n % 64), 4096) == data
 
-    def check(self, timeout_s: float = 10.0) -> None:
-        """good.0 still serves: no error, and more requests complete."""
-        start = self.done
-        deadline = time.monotonic() + timeout_s
-        while self.done < start + 2:
-            assert self.error is None, "good.0 failed: %r" % self.error
-            assert time.monotonic() < deadline, "good.0 made no progress"
-            time.sleep(0.005)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
+    def release(self) -> None:
         self.dev.close()
 
 

@@ -232,3 +232,76 @@ class AddLun(Params):
     ctrlr: str
     bdev_name: str
     scsi_target_num: I32 = -1
+
+
+# -- nvmf (NVMe over vfio-user) ------------------------------------------------------------------
+class NvmfCreateTransport(Relaxed):
+    """SPDK's client sends every flag; keys meant for other transports are accepted and ignored."""
+
+    trtype: str
+    tgt_name: str | None = None
+    max_queue_depth: U32 | None = None
+    max_io_qpairs_per_ctrlr: U32 | None = None
+    in_capsule_data_size: U32 | None = None
+    max_io_size: U32 | None = None
+    max_aq_depth: U32 | None = None
+    io_unit_size: U32 | None = None
+    no_srq: bool = False
+    c2h_success: bool = True
+    zcopy: bool = False
+    dif_insert_or_strip: bool = False
+    no_wr_batching: bool = False
+    disable_mappable_bar0: bool = False
+    disable_adaptive_irq: bool = False
+    disable_shadow_doorbells: bool = False
+    disable_command_passthru: bool = False
+    abort_timeout_sec: U32 | None = None
+
+
+class NvmfGetTransports(Params):
+    trtype: str | None = None
+    tgt_name: str | None = None
+
+
+class NvmfCreateSubsystem(Params):
+    nqn: str
+    tgt_name: str | None = None
+    serial_number: str = "00000000000000000000"
+    model_number: str = "SPDK bdev Controller"
+    allow_any_host: bool = False
+    ana_reporting: bool = False
+    passthrough: bool = False
+    enable_nssr: bool = False
+    max_namespaces: U32 = 0
+    min_cntlid: Annotated[int, Field(ge=1, le=0xFFEF)] = 1
+    max_cntlid: Annotated[int, Field(ge=1, le=0xFFEF)] = 0xFFEF
+    dmrsl: U32 | None = None
+    wzsl: U32 | None = None
+
+
+class NvmfSubsystemOnly(Params):
+    nqn: str
+    tgt_name: str | None = None
+
+
+class NvmfGetSubsystems(Params):
+    nqn: str | None = None
+    tgt_name: str | None = None
+
+
+class ListenAddress(Params):
+    trtype: str
+    traddr: str
+    adrfam: str | None = None
+    trsvcid: str | None = None
+
+
+class NvmfSubsystemListener(Params):
+    """nvmf_subsystem_add_listener / nvmf_subsystem_remove_listener."""
+
+    nqn: str
+    listen_address: ListenAddress
+    tgt_name: str | None = None
+    secure_channel: bool = False
+    ana_state: str | None = None
+    sock_impl: str | None = None

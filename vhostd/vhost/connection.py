@@ -20,6 +20,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from .. import _dataplane as dp
+from ..memfd import fix_size
 from . import protocol as p
 from . import session as s
 from .features import VirtioFeature
@@ -36,22 +37,6 @@ INFLIGHT_QUEUE_ALIGN = 64
 def inflight_queue_bytes(queue_size: int) -> int:
     """Bytes of one queue's inflight-tracking region: 16-byte header + 16 per descriptor."""
     return (16 + 16 * queue_size + INFLIGHT_QUEUE_ALIGN - 1) // INFLIGHT_QUEUE_ALIGN * INFLIGHT_QUEUE_ALIGN
-
-
-def _fix_size(fd: int) -> None:
-    """Seal a front-end's inflight memfd against resizing, or find it sealed: a region shrunk
-    under our mapping would fault (SIGBUS) on the next access.  ValueError if it can be resized
-    (not a memfd, or one that neither allows sealing nor is sealed)."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-    except OSError:
-        pass
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        seals = 0
-    if not seals & fcntl.F_SEAL_SHRINK:
-        raise ValueError("the inflight fd could be shrunk under our mapping (not a sealed memfd)")
 
 
 def _close(fd: int | None) -> None:
@@ -320,7 +305,7 @@ class Connection:
     def _map_inflight(self, effect: s.MapInflight) -> None:
         stride = inflight_queue_bytes(effect.queue_size)
         try:
-            _fix_size(effect.fd)
+            fix_size(effect.fd, "inflight fd")
             st = os.fstat(effect.fd)
             if effect.mmap_size < stride * effect.num_queues:
                 raise ValueError("%d bytes cannot hold %d queues of %d"

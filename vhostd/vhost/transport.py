@@ -13,6 +13,7 @@ import socket
 
 from . import protocol as p
 
+# Room for the fds of one vhost-user message (the initiator's channel reads with it too).
 _FD_SPACE = socket.CMSG_SPACE(p.MAX_FDS * array.array("i").itemsize)
 
 
@@ -21,13 +22,23 @@ class ConnectionClosed(Exception):
 
 
 class Transport:
-    """One connected vhost-user socket; ``receive()`` yields messages, ``send()`` writes them."""
+    """One connected vhost-user socket; ``receive()`` yields messages, ``send()`` writes them.
+    Another protocol with the same framing rules (vfio-user) overrides the class attributes and
+    ``make_reader``."""
+
+    max_fds = p.MAX_FDS
+    protocol_error: type[Exception] = p.ProtocolError
 
     def __init__(self, sock: socket.socket, expect_reply: bool = False) -> None:
         sock.setblocking(False)
         self.sock = sock
-        self.reader = p.MessageReader(expect_reply=expect_reply)
+        self.reader = self.make_reader(expect_reply)
+        self._fd_space = socket.CMSG_SPACE(self.max_fds * array.array("i").itemsize)
         self._loop = asyncio.get_running_loop()
+
+    def make_reader(self, expect_reply: bool):
+        """The codec's message reader for this socket."""
+        return p.MessageReader(expect_reply=expect_reply)
 
     async def _readable(self) -> None:
         fut = self._loop.create_future()
@@ -45,7 +56,7 @@ class Transport:
             if msg is not None:
                 return msg
             try:
-                data, ancdata, flags, _ = self.sock.recvmsg(self.reader.bytes_needed(), _FD_SPACE)
+                data, ancdata, flags, _ = self.sock.recvmsg(self.reader.bytes_needed(), self._fd_space)
             except (BlockingIOError, InterruptedError):
                 await self._readable()
                 continue
@@ -54,7 +65,7 @@ class Transport:
             fds = _fds_from(ancdata)
             if flags & socket.MSG_CTRUNC:
                 _close_all(fds)
-                raise p.ProtocolError("more than %d fds attached to one message" % p.MAX_FDS)
+                raise self.protocol_error("more than %d fds attached to one message" % self.max_fds)
             if not data:
                 _close_all(fds)
                 raise ConnectionClosed()

@@ -1,3 +1,3 @@
 """RPC method modules: importing this package registers every method and subsystem."""
 
-from . import bdev, framework, log, rbd, vhost  # noqa: F401
+from . import bdev, framework, log, nvmf, rbd, vhost  # noqa: F401

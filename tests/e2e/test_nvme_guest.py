@@ -1,0 +1,113 @@
+"""A real Linux guest (TCG) in QEMU 11.1 probes vhostd's NVMe controller over vfio-user: the stock
+nvme driver enables it, identifies it, and creates one I/O queue pair per vCPU, from an in-process
+endpoint and from a daemon configured with SPDK's spdk-rpc.  No namespaces yet: the controller is
+/dev/nvme0 without disks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+
+from vhostd.nvme.function import NvmeFunction
+from vhostd.vfio_user.server import Endpoint
+
+pytestmark = pytest.mark.e2e
+
+
+class EndpointThread:
+    """An Endpoint on its own event loop in a thread, as the guest harness is synchronous."""
+
+    def __init__(self, path, function) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.endpoint = Endpoint(path, function)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self.endpoint.start())
+
+    def call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
+
+    def close(self) -> None:
+        self.call(self.endpoint.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def nvme_endpoint(socket_dir):
+    function = NvmeFunction("nvme0")
+    served = EndpointThread(socket_dir / "cntrl", function)
+    yield served
+    served.close()
+    function.close()
+
+
+def test_linux_probes_the_controller_with_one_io_queue_per_vcpu(qemu_root, boot_guest, nvme_endpoint):
+    device = {"driver": "vfio-user-pci",
+              "socket": {"type": "unix", "path": str(nvme_endpoint.endpoint.path)}}
+    guest = boot_guest(qemu_binary=str(qemu_root.qemu_system), smp=2,
+                       extra_args=["-device", json.dumps(device)])
+    guest.wait_for_path("/dev/nvme0")
+    assert guest.read_sysfs("/sys/class/nvme/nvme0/model").rstrip() == "vhostd NVMe controller"
+    assert guest.read_sysfs("/sys/class/nvme/nvme0/serial").rstrip() == "VHOSTD0000000001"
+    assert guest.read_sysfs("/sys/class/nvme/nvme0/state") == "live"
+    nvme_lines = [line for line in guest.dmesg().splitlines() if "nvme" in line]
+    print("\n".join(nvme_lines))
+    assert any("2/0/0 default/read/poll queues" in line for line in nvme_lines)
+    admin = nvme_endpoint.endpoint.device.admin
+    assert sorted(admin.sqs) == [1, 2] and sorted(admin.cqs) == [1, 2]
+    assert all(cq.interrupts for cq in admin.cqs.values())
+    assert guest.poweroff() == 0
+
+
+def test_a_controller_made_with_spdk_rpc_on_the_daemon_is_probed_by_linux(qemu_root, boot_guest, vhostd):
+    d = vhostd()
+    traddr = d.socket_dir / "vfu0"
+    traddr.mkdir()
+    nqn = "nqn.2016-06.io.spdk:vfu0"
+    d.spdk("nvmf_create_transport", "-t", "VFIOUSER")
+    d.spdk("nvmf_create_subsystem", nqn, "-a", "-s", "SN0001", "-d", "vhostd NVMe")
+    d.spdk("nvmf_subsystem_add_listener", nqn, "-t", "VFIOUSER", "-a", str(traddr))
+    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(traddr / "cntrl")}}
+    guest = boot_guest(qemu_binary=str(qemu_root.qemu_system), extra_args=["-device", json.dumps(device)])
+    guest.wait_for_path("/dev/nvme0")
+    assert guest.read_sysfs("/sys/class/nvme/nvme0/model").rstrip() == "vhostd NVMe"
+    assert guest.read_sysfs("/sys/class/nvme/nvme0/serial").rstrip() == "SN0001"
+    assert guest.read_sysfs("/sys/class/nvme/nvme0/subsysnqn") == nqn
+    assert guest.read_sysfs("/sys/class/nvme/nvme0/state") == "live"
+    assert guest.poweroff() == 0
+
+
+def test_the_controller_comes_back_after_a_guest_reboot(qemu_root, boot_guest, nvme_endpoint):
+    # A reboot: Linux deletes its I/O queues and shuts the controller down, QEMU resets the device
+    # (DEVICE_RESET, DMA remaps), firmware and Linux bring it up again.
+    device = {"driver": "vfio-user-pci",
+              "socket": {"type": "unix", "path": str(nvme_endpoint.endpoint.path)}}
+    guest = boot_guest(qemu_binary=str(qemu_root.qemu_system), smp=2, reboot_resets=True,
+                       extra_args=["-device", json.dumps(device)])
+    guest.wait_for_path("/dev/nvme0")
+    print("guest rebooted in %.1f s" % guest.reboot())
+    guest.wait_for_path("/dev/nvme0")
+    assert guest.read_sysfs("/sys/class/nvme/nvme0/state") == "live"
+    assert any("2/0/0 default/read/poll queues" in line for line in guest.dmesg().splitlines())
+    assert nvme_endpoint.endpoint.clients_served == 1
+    assert guest.poweroff() == 0
+
+
+def test_a_new_qemu_is_served_after_one_is_killed(qemu_root, boot_guest, nvme_endpoint):
+    # SIGKILL sends nothing: EOF releases the first client's memory and eventfds, the next QEMU
+    # resets the controller at realize and its guest probes it again.
+    device = {"driver": "vfio-user-pci",
+              "socket": {"type": "unix", "path": str(nvme_endpoint.endpoint.path)}}
+    first = boot_guest(qemu_binary=str(qemu_root.qemu_system), extra_args=["-device", json.dumps(device)])
+    first.wait_for_path("/dev/nvme0")
+    first.kill()
+    second = boot_guest(qemu_binary=str(qemu_root.qemu_system), extra_args=["-device", json.dumps(device)])
+    second.wait_for_path("/dev/nvme0")
+    assert second.read_sysfs("/sys/class/nvme/nvme0/state") == "live"
+    assert nvme_endpoint.endpoint.clients_served == 2
+    assert second.poweroff() == 0

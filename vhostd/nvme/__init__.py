@@ -1,0 +1,1 @@
+"""The emulated NVMe controller (issue 11): registers, PCI function, served over vfio-user."""

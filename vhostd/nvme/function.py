@@ -1,0 +1,268 @@
+"""The NVMe controller's PCI function as a vfio-user device: regions, interrupts, register access.
+
+BAR0 is the register page (trapped: every access is a REGION_READ/WRITE) followed by the doorbell
+page at 0x1000, which lives in a memfd that the client maps (the one sparse-mmap area), so the
+guest's doorbell stores land in memory the controller reads; doorbell writes that QEMU traps anyway
+(firmware, INTx emulation) are stored in the same page.  BAR4 holds the MSI-X table and BAR5 the
+PBA; QEMU emulates the table itself, so they read as zeros here.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+from errno import EINVAL
+from typing import Any, Protocol
+
+from ..vfio_user.memory import MemoryAccessError
+from ..vfio_user.protocol import CommandError, PciIrq, PciRegion, RegionFlag, SparseArea
+from ..vfio_user.session import RegionDescription
+from . import identify as ident
+from . import registers as r
+from . import status as st
+from .admin import AdminCommands
+from .command import CQE_SIZE, SQE_SIZE, Completion, Submission
+from .pci import BarLayout, ConfigSpace, PciIdentity
+from .prp import DataPointerError, prp_segments
+from .queues import CompletionQueue, DoorbellError, SubmissionQueue
+
+log = logging.getLogger(__name__)
+
+DOORBELL_PAGE_SIZE = 0x1000
+READ_WRITE = RegionFlag.READ | RegionFlag.WRITE
+PAGE_SIZE = 4096
+MAX_IO_QUEUES = 31
+
+
+class GuestMemory(Protocol):
+    """The client's DMA-mapped memory (vfio_user.memory.DmaMemory): checked reads and writes."""
+
+    def contains(self, addr: int, size: int, writable: bool = False) -> bool:
+        ...
+
+    def read(self, addr: int, size: int) -> bytes:
+        ...
+
+    def write(self, addr: int, data: bytes) -> None:
+        ...
+
+
+class NvmeFunction:
+    """One emulated NVMe controller's PCI function."""
+
+    def __init__(self, name: str, caps: r.Capabilities = r.Capabilities(),
+                 identity: PciIdentity = PciIdentity(), bars: BarLayout = BarLayout(),
+                 mappable_bar0: bool = True,
+                 info: ident.ControllerInfo = ident.ControllerInfo()) -> None:
+        self.name = name
+        self.bars = bars
+        self.registers = r.ControllerRegisters(caps)
+        self.config = ConfigSpace(identity, bars)
+        self.admin = AdminCommands(info, caps.max_queue_entries, MAX_IO_QUEUES, bars.msix_vectors,
+                                   self._queue_memory_ok)
+        self._memory: GuestMemory | None = None
+        self.admin_sq: SubmissionQueue | None = None
+        self.admin_cq: CompletionQueue | None = None
+        self.bar0_fd: int | None = None
+        if mappable_bar0:
+            # The file covers BAR0 up to the doorbell page's end; only that page is mappable.
+            self.bar0_fd = os.memfd_create("nvme-bar0-" + name, os.MFD_CLOEXEC)
+            os.ftruncate(self.bar0_fd, r.DOORBELL_OFFSET + DOORBELL_PAGE_SIZE)
+            self._bar0_map: mmap.mmap | None = mmap.mmap(self.bar0_fd, r.DOORBELL_OFFSET
+                                                         + DOORBELL_PAGE_SIZE)
+            self.doorbells = memoryview(self._bar0_map)[r.DOORBELL_OFFSET:]
+        else:
+            self._bar0_map = None
+            self.doorbells = memoryview(bytearray(DOORBELL_PAGE_SIZE))
+
+    # -- vfio-user DeviceModel ----------------------------------------------------------------
+    def region(self, index: int) -> RegionDescription:
+        bars = self.bars
+        if index == PciRegion.BAR0:
+            if self.bar0_fd is None:
+                return RegionDescription(bars.bar0_size, READ_WRITE)
+            return RegionDescription(bars.bar0_size, READ_WRITE, self.bar0_fd, 0,
+                                     (SparseArea(r.DOORBELL_OFFSET, DOORBELL_PAGE_SIZE),))
+        if index == PciRegion.BAR4:
+            return RegionDescription(bars.msix_table_size, READ_WRITE)
+        if index == PciRegion.BAR5:
+            return RegionDescription(bars.msix_pba_size, READ_WRITE)
+        if index == PciRegion.CONFIG:
+            return RegionDescription(4096, READ_WRITE)
+        return RegionDescription()
+
+    def irq_count(self, index: int) -> int:
+        return {PciIrq.INTX: 1, PciIrq.MSIX: self.bars.msix_vectors}.get(index, 0)
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        if index == PciRegion.CONFIG:
+            return self.config.read(offset, count)
+        if index == PciRegion.BAR0:
+            return self._bar0_read(offset, count)
+        return bytes(count)               # MSI-X table (QEMU's) and PBA (nothing pending)
+
+    def region_write(self, index: int, offset: int, data: bytes) -> list[Any]:
+        if index == PciRegion.CONFIG:
+            self.config.write(offset, data)
+            return []
+        if index == PciRegion.BAR0:
+            return self._bar0_write(offset, data)
+        return []
+
+    # -- BAR0 ---------------------------------------------------------------------------------
+    def _bar0_read(self, offset: int, count: int) -> bytes:
+        end = offset + count
+        if end <= r.REGISTER_PAGE_SIZE:
+            return self.registers.read(offset, count)
+        if offset >= r.DOORBELL_OFFSET and end <= r.DOORBELL_OFFSET + DOORBELL_PAGE_SIZE:
+            return bytes(self.doorbells[offset - r.DOORBELL_OFFSET:end - r.DOORBELL_OFFSET])
+        if offset >= r.DOORBELL_OFFSET + DOORBELL_PAGE_SIZE:
+            return bytes(count)
+        raise CommandError(EINVAL, "BAR0 read %#x+%d crosses a page" % (offset, count))
+
+    def _bar0_write(self, offset: int, data: bytes) -> list[Any]:
+        if offset + len(data) <= r.REGISTER_PAGE_SIZE:
+            return self.registers.write(offset, data)
+        start = offset - r.DOORBELL_OFFSET
+        if 0 <= start and start + len(data) <= DOORBELL_PAGE_SIZE:
+            if len(data) != 4 or start % 4:
+                raise CommandError(EINVAL, "doorbell write of %d bytes at %#x" % (len(data), offset))
+            self.doorbells[start:start + 4] = data
+            return []
+        raise CommandError(EINVAL, "BAR0 write %#x+%d outside registers and doorbells"
+                           % (offset, len(data)))
+
+    # -- controller work ----------------------------------------------------------------------
+    def carry_out(self, event: Any, memory: GuestMemory) -> None:
+        """Do what a register write asked for: enabling maps the admin queues (controller fatal
+        status if they are not in writable mapped memory), disabling drops every queue."""
+        self._memory = memory
+        if isinstance(event, r.Enable):
+            admin = event.admin
+            sq_bytes, cq_bytes = admin.sq_entries * SQE_SIZE, admin.cq_entries * CQE_SIZE
+            if not memory.contains(admin.sq_addr, sq_bytes) \
+                    or not memory.contains(admin.cq_addr, cq_bytes, writable=True):
+                self.registers.report_fatal(
+                    "admin queues SQ %#x (%d) CQ %#x (%d) are not in writable mapped memory"
+                    % (admin.sq_addr, admin.sq_entries, admin.cq_addr, admin.cq_entries))
+                return
+            self.admin_sq = SubmissionQueue(0, admin.sq_addr, admin.sq_entries)
+            self.admin_cq = CompletionQueue(0, admin.cq_addr, admin.cq_entries)
+            self.registers.report_ready()
+        elif isinstance(event, r.Disable):
+            self._drop_queues()
+            self.registers.report_disabled()
+        elif isinstance(event, r.Shutdown):
+            self.registers.report_shutdown_complete()
+
+    def _drop_queues(self) -> None:
+        self.admin_sq = self.admin_cq = None
+        self.admin.reset()
+        self.doorbells[:] = bytes(DOORBELL_PAGE_SIZE)
+
+    def _queue_memory_ok(self, addr: int, size: int, writable: bool) -> bool:
+        return self._memory is not None and self._memory.contains(addr, size, writable)
+
+    def poll(self, memory: GuestMemory, irq_fds: dict[int, list[int | None]]) -> int:
+        """One pass over the admin queue; interrupts go to the client's eventfds: the MSI-X
+        vector's while MSI-X is enabled, else INTx unless the Command register disables it."""
+        return self.poll_admin(memory, lambda vector: self._signal(irq_fds, vector))
+
+    def _signal(self, irq_fds: dict[int, list[int | None]], vector: int) -> None:
+        fd = None
+        if self.config.msix_enabled:
+            vectors = irq_fds.get(PciIrq.MSIX, [])
+            fd = vectors[vector] if vector < len(vectors) else None
+        elif not self.config.intx_disabled:
+            fd = (irq_fds.get(PciIrq.INTX) or [None])[0]
+        if fd is not None:
+            os.eventfd_write(fd, 1)
+
+    def poll_admin(self, memory: GuestMemory, signal: Any) -> int:
+        """Run what the host queued on the admin SQ (up to the free CQ slots); ``signal(vector)``
+        raises the admin CQ's interrupt.  Returns the number of commands completed."""
+        sq, cq = self.admin_sq, self.admin_cq
+        if sq is None or cq is None or not self.registers.ready:
+            return 0
+        self._memory = memory
+        if not memory.contains(sq.addr, sq.entries * SQE_SIZE) \
+                or not memory.contains(cq.addr, cq.entries * CQE_SIZE, writable=True):
+            return 0              # unmapped for now (firmware remaps low memory): wait for it
+        sq_tail, cq_head = struct.unpack_from("<II", self.doorbells, 0)
+        try:
+            sq.ring(sq_tail)
+            cq.ring(cq_head)
+        except DoorbellError as exc:
+            log.warning("%s: %s: controller fatal status", self.name, exc)
+            self.registers.report_fatal(str(exc))
+            self.admin_sq = self.admin_cq = None
+            return 0
+        done = 0
+        while sq.pending() and not cq.full():
+            try:
+                sub = Submission.decode(memory.read(sq.pop(), SQE_SIZE))
+            except MemoryAccessError as exc:     # the SQ left guest memory under us
+                self.registers.report_fatal("admin SQ unreadable: %s" % exc)
+                return done
+            completion = self._run_admin(sub, memory)
+            if completion is None:
+                continue                     # held (an Asynchronous Event Request)
+            address, phase = cq.push()
+            entry = Completion(sub.cid, completion.status, completion.dw0, sq.head, 0).encode(phase)
+            try:
+                # DW0–DW2 first, then DW3 with the phase tag: the host never sees half an entry.
+                memory.write(address, entry[:12])
+                memory.write(address + 12, entry[12:])
+            except MemoryAccessError as exc:
+                self.registers.report_fatal("admin CQ unwritable: %s" % exc)
+                return done
+            done += 1
+        if done:
+            signal(cq.vector)
+        return done
+
+    def _run_admin(self, sub: Submission, memory: GuestMemory) -> Completion | None:
+        result = self.admin.execute(sub)
+        if result.held:
+            return None
+        status = result.status
+        if result.data is not None and status.ok:
+            try:
+                offset = 0
+                for addr, size in prp_segments(sub.prp1, sub.prp2, len(result.data), PAGE_SIZE,
+                                               self._read_list(memory)):
+                    memory.write(addr, result.data[offset:offset + size])
+                    offset += size
+            except DataPointerError as exc:
+                status = exc.status
+            except MemoryAccessError:
+                status = st.DATA_TRANSFER_ERROR
+        return Completion(sub.cid, status, result.dw0)
+
+    @staticmethod
+    def _read_list(memory: GuestMemory):
+        def read(addr: int, size: int) -> bytes:
+            try:
+                return memory.read(addr, size)
+            except MemoryAccessError as exc:
+                raise DataPointerError(st.DATA_TRANSFER_ERROR, str(exc)) from None
+        return read
+
+    def reset(self) -> None:
+        """DEVICE_RESET: registers, config space, queues and doorbells to power-on values."""
+        self.registers.reset()
+        self.config.reset()
+        self._drop_queues()
+
+    def close(self) -> None:
+        """Release the BAR0 memory (the controller is deleted)."""
+        self.doorbells.release()
+        if self._bar0_map is not None:
+            self._bar0_map.close()
+            self._bar0_map = None
+        if self.bar0_fd is not None:
+            os.close(self.bar0_fd)
+            self.bar0_fd = None
+
