@@ -200,6 +200,22 @@ cdef enum:
     VRING_AVAIL_F_NO_INTERRUPT = 1
     VRING_USED_F_NO_NOTIFY = 1
 
+# Packed virtqueues (virtio 1.1 §2.8): one ring of descriptors that the driver makes available and
+# the device marks used in place, each side with a wrap counter; two event suppression areas.
+cdef packed struct vring_packed_desc_t:
+    uint64_t addr
+    uint32_t len
+    uint16_t id              # buffer id (the last descriptor of a chain carries it)
+    uint16_t flags
+
+cdef enum:
+    VRING_PACKED_DESC_F_AVAIL = 0x80
+    VRING_PACKED_DESC_F_USED = 0x8000
+    VRING_PACKED_EVENT_F_ENABLE = 0
+    VRING_PACKED_EVENT_F_DISABLE = 1
+    VRING_PACKED_EVENT_F_DESC = 2     # notify at the descriptor off_wrap names (EVENT_IDX)
+    VRING_PACKED_MAX_INDIRECT = 65536  # entries of one indirect table
+
 cdef packed struct inflight_desc_t:
     uint8_t inflight
     uint8_t padding[5]
@@ -271,6 +287,7 @@ cdef struct task_t:
     uint8_t busy             # popped and not yet pushed
     uint8_t bad              # see above
     uint16_t batch_next      # inflight tracking: the previous head of the unpublished batch
+    uint16_t ndesc           # packed ring: descriptor slots the chain took (the used slot advances by it)
     uint32_t used_len        # bytes written into device-writable buffers
     uint32_t dev_u32         # device scratch (blk: request type; scsi: target)
     uint64_t start_tick
@@ -284,12 +301,20 @@ cdef struct task_t:
 cdef struct vq_t:
     guest_mem_t *mem
     vring_desc_t *desc
-    uint16_t *avail          # flags, idx, ring[size], used_event
-    uint8_t *used            # flags u16, idx u16, ring[size] {u32 id, u32 len}, avail_event u16
+    # split: flags, idx, ring[size], used_event.  packed: the driver event suppression area
+    # {off_wrap u16, flags u16}
+    uint16_t *avail
+    # split: flags u16, idx u16, ring[size] {u32 id, u32 len}, avail_event u16.  packed: the
+    # device event suppression area {off_wrap u16, flags u16}
+    uint8_t *used
+    vring_packed_desc_t *pdesc   # packed: the descriptor ring (desc is NULL)
+    uint32_t packed_ring     # VIRTIO_F_RING_PACKED negotiated
     uint16_t size
     uint16_t index           # queue number within its device
-    uint16_t last_avail_idx  # next avail slot we will read
-    uint16_t used_idx        # our copy of used->idx
+    # split: next avail slot we will read; packed: free-running count of descriptor slots
+    # consumed (slot = idx % size, wrap counter = 1 on even laps)
+    uint16_t last_avail_idx
+    uint16_t used_idx        # split: our copy of used->idx; packed: free-running used slots
     uint16_t signalled_used  # used idx at the last notification decision (EVENT_IDX "old")
     uint16_t inflight_count  # popped, not yet pushed
     uint32_t event_idx       # VIRTIO_RING_F_EVENT_IDX negotiated
