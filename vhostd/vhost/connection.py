@@ -347,10 +347,13 @@ class Connection:
         try:
             if self.memory is None:
                 raise ValueError("no memory table")
+            packed = self.session.negotiated(VirtioFeature.RING_PACKED)
             queue.configure(self.memory, vring.size, vring.desc, vring.avail, vring.used, vring.base,
                             self.session.negotiated(VirtioFeature.RING_EVENT_IDX),
-                            self.session.negotiated(VirtioFeature.RING_INDIRECT_DESC))
-            if self.inflight_map is not None and index < self.inflight_queues:
+                            self.session.negotiated(VirtioFeature.RING_INDIRECT_DESC), packed=packed)
+            if packed and index == 0:
+                log.info("%s: packed virtqueues", self.name)
+            if self.inflight_map is not None and index < self.inflight_queues and not packed:
                 resubmitted = queue.set_inflight(self.inflight_map,
                                                  self.inflight_base + index * self.inflight_stride)
                 if resubmitted:
@@ -377,7 +380,7 @@ class Connection:
         await self.controller.reactors.wait(reactor, reactor.post_remove_queue(queue))
         reactor.forget_queue(queue)
         self.device.detach_queue(index, queue, reactor)
-        return self.session.queue_stopped(index, queue.last_avail_idx)
+        return self.session.queue_stopped(index, queue.vring_base)
 
     async def _update_fds(self, effect: s.UpdateQueueFds) -> None:
         vring = self.session.vrings[effect.index]
@@ -390,7 +393,8 @@ class Connection:
             _close(fd)
 
     def queue_stats(self) -> list[dict]:
-        return [dict(queue=i, lcore=r.lcore, **q.stats()) for i, (q, r) in sorted(self.queues.items())]
+        return [dict(queue=i, lcore=r.lcore, packed=q.packed, **q.stats())
+                for i, (q, r) in sorted(self.queues.items())]
 
     @property
     def inflight_task_count(self) -> int:
