@@ -352,7 +352,7 @@ class Connection:
                             self.session.negotiated(VirtioFeature.RING_EVENT_IDX),
                             self.session.negotiated(VirtioFeature.RING_INDIRECT_DESC), packed=packed)
             if packed and index == 0:
-                log.info("%s: packed virtqueues", self.name)
+                log.log(25, "%s: packed virtqueues", self.name)
             if self.inflight_map is not None and index < self.inflight_queues and not packed:
                 resubmitted = queue.set_inflight(self.inflight_map,
                                                  self.inflight_base + index * self.inflight_stride)
