@@ -438,10 +438,12 @@ class InProcessVhostdTarget(_Target):
     reactor threads."""
 
     def __init__(self, bdev: str = "null", *, disk=None, cpus=(0,), size_bytes: int = 1 << 30,
-                 block_size: int = 512, workdir: str | None = None, kind: str = "blk") -> None:
+                 block_size: int = 512, workdir: str | None = None, kind: str = "blk",
+                 packed_ring: bool = False) -> None:
         if bdev not in ("null", "malloc") or kind not in ("blk", "scsi"):
             raise ValueError("in-process vhostd serves a null or malloc disk through blk or scsi")
         self.kind = kind
+        self.packed_ring = packed_ring      # blk: offer packed virtqueues (scsi always does)
         self.label = "vhostd-inproc-%s%s" % ("scsi-" if kind == "scsi" else "", bdev)
         blocks = size_bytes // block_size
         if disk is None:
@@ -467,7 +469,8 @@ class InProcessVhostdTarget(_Target):
                 self.controller = ScsiController(self.ctrlr, str(self.workdir), self.reactors, self.cpus)
                 await self.controller.add_target(0, bdev)
             else:
-                self.controller = BlkController(self.ctrlr, str(self.workdir), self.reactors, self.cpus, bdev)
+                self.controller = BlkController(self.ctrlr, str(self.workdir), self.reactors, self.cpus, bdev,
+                                                packed_ring=self.packed_ring)
             await self.controller.start()
 
         self._run(setup())
