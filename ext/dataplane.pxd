@@ -230,6 +230,35 @@ cdef packed struct inflight_queue_t:
     uint16_t used_idx
     # inflight_desc_t desc[desc_num] follows
 
+# Inflight tracking of a packed queue (our layout of the region; the front-end keeps it, never reads
+# it).  The ring's descriptors are overwritten by used ones in any order, so each buffer id keeps a
+# copy of its chain (up to INFLIGHT_PACKED_DESCS descriptors: Linux sends one indirect descriptor per
+# request), and the header keeps both positions, which QEMU cannot give back after a crash.
+cdef enum:
+    INFLIGHT_PACKED_DESCS = 8
+    INFLIGHT_PACKED_LAYOUT = 0x444B4350      # "PCKD"
+    INFLIGHT_NO_ID = 0xFFFF
+
+cdef packed struct inflight_packed_id_t:
+    uint8_t inflight
+    uint8_t padding
+    uint16_t ndesc           # slots of the chain (copied below when ≤ INFLIGHT_PACKED_DESCS)
+    uint16_t avail_after     # avail position after this chain was fetched
+    uint16_t padding2
+    uint64_t counter         # fetch order
+    vring_packed_desc_t desc[INFLIGHT_PACKED_DESCS]
+
+cdef packed struct inflight_packed_queue_t:
+    uint64_t features
+    uint16_t version
+    uint16_t desc_num
+    uint32_t layout          # INFLIGHT_PACKED_LAYOUT
+    uint16_t avail_pos       # free-running positions (see vring_packed.pxi)
+    uint16_t used_pos
+    uint16_t pending_id      # a used descriptor being written: its id (INFLIGHT_NO_ID: none)
+    uint16_t pending_used    # and its used position
+    # inflight_packed_id_t ids[desc_num] follows
+
 cdef struct vq_stats_t:
     uint64_t requests
     uint64_t read_ops
@@ -339,6 +368,8 @@ cdef struct vq_t:
     # inflight tracking region (GET/SET_INFLIGHT_FD), or NULL
     inflight_queue_t *inflight
     inflight_desc_t *inflight_desc
+    inflight_packed_queue_t *pinflight       # packed rings: the same region, our packed layout
+    inflight_packed_id_t *pinflight_ids
     uint64_t inflight_counter
     uint16_t avail_cache     # avail.idx as last read (reread only when caught up)
     uint16_t published_used  # used.idx as last stored in guest memory

@@ -487,6 +487,14 @@ cdef int vq_recover_inflight(vq_t *vq) noexcept nogil:
 # ---------------------------------------------------------------------------------------------
 # Python face
 # ---------------------------------------------------------------------------------------------
+cpdef size_t inflight_queue_bytes(uint16_t queue_size):
+    """Bytes one queue of queue_size needs in an inflight region: room for either layout (the
+    front-end asks for the region before it sets features)."""
+    cdef size_t split = sizeof(inflight_queue_t) + sizeof(inflight_desc_t) * <size_t>queue_size
+    cdef size_t packed = sizeof(inflight_packed_queue_t) + sizeof(inflight_packed_id_t) * <size_t>queue_size
+    return split if split > packed else packed
+
+
 cdef class VirtQueue:
     """The C state of one virtqueue (vq_t and its task pool) and the control plane's handle on it.
 
@@ -583,18 +591,20 @@ cdef class VirtQueue:
         resubmitted.  Call after configure()."""
         cdef vq_t *vq = self.vq
         cdef const uint8_t[:] view = region
-        cdef size_t need = sizeof(inflight_queue_t) + sizeof(inflight_desc_t) * <size_t>vq.size
         cdef int n
         if vq.size == 0:
             raise ValueError("queue not configured")
-        if vq.packed_ring:
-            return 0           # inflight tracking covers split rings only (docs/architecture.md)
-        if offset + need > <size_t>view.shape[0]:
+        if offset + inflight_queue_bytes(vq.size) > <size_t>view.shape[0]:
             raise ValueError("inflight region too small for queue %d" % vq.index)
         self.inflight_map = region
-        vq.inflight = <inflight_queue_t *>(<uint8_t *>&view[0] + offset)
-        vq.inflight_desc = <inflight_desc_t *>(<uint8_t *>vq.inflight + sizeof(inflight_queue_t))
-        n = vq_recover_inflight(vq)
+        if vq.packed_ring:
+            vq.pinflight = <inflight_packed_queue_t *>(<uint8_t *>&view[0] + offset)
+            vq.pinflight_ids = <inflight_packed_id_t *>(<uint8_t *>vq.pinflight + sizeof(inflight_packed_queue_t))
+            n = vq_packed_recover_inflight(vq)
+        else:
+            vq.inflight = <inflight_queue_t *>(<uint8_t *>&view[0] + offset)
+            vq.inflight_desc = <inflight_desc_t *>(<uint8_t *>vq.inflight + sizeof(inflight_queue_t))
+            n = vq_recover_inflight(vq)
         if n < 0:
             raise MemoryError()
         return n
@@ -602,6 +612,8 @@ cdef class VirtQueue:
     def clear_inflight(self):
         self.vq.inflight = NULL
         self.vq.inflight_desc = NULL
+        self.vq.pinflight = NULL
+        self.vq.pinflight_ids = NULL
         self.inflight_map = None
 
     def set_fds(self, int kick_fd=-1, int call_fd=-1, int err_fd=-1):

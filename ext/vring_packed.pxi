@@ -72,6 +72,51 @@ cdef int _packed_walk_indirect(vq_t *vq, task_t *task, const vring_packed_desc_t
     return 0
 
 
+cdef void _task_reset_iov(task_t *task) noexcept nogil:
+    task.n_iov = 0
+    task.n_readable = 0
+    task.bad = 0
+
+
+cdef int _packed_add_desc(vq_t *vq, task_t *task, const vring_packed_desc_t *d, uint32_t n) noexcept nogil:
+    """Add one (already copied) descriptor of an n-descriptor chain to the task; 1 when it was an
+    indirect one (the chain ends there)."""
+    if d.flags & VRING_DESC_F_INDIRECT:
+        # An indirect descriptor is the whole chain (virtio 1.1 §2.8.19).
+        if n != 1 or _packed_walk_indirect(vq, task, d) < 0:
+            task.bad = 1
+        return 1
+    _task_add_segment(task, vq, d.addr, d.len, d.flags & VRING_DESC_F_WRITE)
+    return 0
+
+
+cdef int _packed_resubmit(vq_t *vq, task_t **out) noexcept nogil:
+    """The next request the inflight region says was in flight when the previous back-end
+    stopped, rebuilt from its copy there (the ring may hold used descriptors in its slots now)."""
+    cdef uint16_t buffer_id = vq.resubmit[vq.resubmit_pos]
+    cdef inflight_packed_id_t *e = &vq.pinflight_ids[buffer_id]
+    cdef uint16_t n = e.ndesc              # read once: the front-end may rewrite the region
+    cdef uint16_t k
+    cdef vring_packed_desc_t d
+    cdef task_t *task
+    vq.resubmit_pos += 1
+    if n == 0 or n > INFLIGHT_PACKED_DESCS:
+        n = 1                              # rewritten since recovery: the request fails below
+    task = _task_begin(vq, buffer_id)
+    if task == NULL:
+        return -1
+    task.ndesc = n
+    _task_reset_iov(task)
+    for k in range(n):
+        d = e.desc[k]
+        vhd_compiler_barrier()
+        if _packed_add_desc(vq, task, &d, n):
+            break
+    vq.inflight_count += 1
+    out[0] = task
+    return 1
+
+
 cdef int vq_packed_pop(vq_t *vq, task_t **out) noexcept nogil:
     """Fetch the next request of a packed ring: 1 with *out set, 0 if none, -1 if the ring broke."""
     cdef uint16_t start = vq.last_avail_idx
@@ -79,6 +124,9 @@ cdef int vq_packed_pop(vq_t *vq, task_t **out) noexcept nogil:
     cdef uint32_t n = 0
     cdef vring_packed_desc_t d
     cdef task_t *task
+    cdef inflight_packed_id_t *record = NULL
+    if vq.resubmit_pos < vq.n_resubmit:
+        return _packed_resubmit(vq, out)
     if not _packed_desc_available(vq, start):
         return 0
     vhd_clock_refresh()        # timed from when we saw it (see vq_pop)
@@ -99,18 +147,30 @@ cdef int vq_packed_pop(vq_t *vq, task_t **out) noexcept nogil:
     if task == NULL:
         return -1              # that buffer id is in flight already
     task.ndesc = <uint16_t>n
-    task.n_iov = 0
-    task.n_readable = 0
-    task.bad = 0
+    _task_reset_iov(task)
+    if vq.pinflight != NULL:
+        record = &vq.pinflight_ids[buffer_id]
+        record.inflight = 0
+        record.ndesc = <uint16_t>n
+        record.avail_after = <uint16_t>(start + n)
     for k in range(<uint16_t>n):
         d = vq.pdesc[_packed_slot(vq, <uint16_t>(start + k))]
         vhd_compiler_barrier()
-        if d.flags & VRING_DESC_F_INDIRECT:
-            # An indirect descriptor is the whole chain (virtio 1.1 §2.8.19).
-            if n != 1 or _packed_walk_indirect(vq, task, &d) < 0:
-                task.bad = 1
+        if record != NULL and k < INFLIGHT_PACKED_DESCS:
+            record.desc[k] = d             # what we used, not a second read of the ring
+        if _packed_add_desc(vq, task, &d, n):
             break
-        _task_add_segment(task, vq, d.addr, d.len, d.flags & VRING_DESC_F_WRITE)
+    if record != NULL:
+        # Recorded, then marked in flight, then the avail position moves: a crash in between
+        # is repaired from avail_after (vq_packed_recover_inflight).  Chains too long to copy
+        # are not recorded: they cannot be replayed.
+        if n <= INFLIGHT_PACKED_DESCS:
+            vq.inflight_counter += 1
+            record.counter = vq.inflight_counter
+            vhd_compiler_barrier()
+            record.inflight = 1
+        vhd_compiler_barrier()
+        vq.pinflight.avail_pos = <uint16_t>(start + n)
     vq.last_avail_idx = <uint16_t>(start + n)
     vq.inflight_count += 1
     out[0] = task
@@ -122,11 +182,25 @@ cdef void vq_packed_push(vq_t *vq, task_t *task) noexcept nogil:
     flags (which hand it to the driver) last."""
     cdef vring_packed_desc_t *d = &vq.pdesc[_packed_slot(vq, vq.used_idx)]
     cdef uint16_t flags = (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) if _packed_wrap(vq, vq.used_idx) else 0
+    cdef inflight_packed_queue_t *q = vq.pinflight
+    if q != NULL:
+        # A crash while the used descriptor is written leaves pending_* to tell whether it got
+        # there (vq_packed_recover_inflight).
+        q.pending_used = vq.used_idx
+        vhd_compiler_barrier()
+        q.pending_id = task.head
+        vhd_compiler_barrier()
     d.id = task.head
     d.len = task.used_len
     vhd_store_u16(_packed_flags(d), flags)
     vq.used_idx = <uint16_t>(vq.used_idx + task.ndesc)
     vq.published_used = vq.used_idx
+    if q != NULL:
+        vhd_compiler_barrier()
+        vq.pinflight_ids[task.head].inflight = 0
+        q.used_pos = vq.used_idx
+        vhd_compiler_barrier()
+        q.pending_id = INFLIGHT_NO_ID
 
 
 cdef inline uint32_t _packed_load_event(const void *area) noexcept nogil:
@@ -179,3 +253,90 @@ cdef void vq_packed_enable_kicks(vq_t *vq) noexcept nogil:
 
 cdef inline bint vq_packed_buffer_available(vq_t *vq) noexcept nogil:
     return _packed_desc_available(vq, vq.last_avail_idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inflight recovery of packed rings (our layout of the GET/SET_INFLIGHT_FD region, dataplane.pxd)
+# ---------------------------------------------------------------------------------------------
+cdef inline uint16_t _ahead(uint16_t pos, uint16_t base) noexcept nogil:
+    return <uint16_t>(pos - base)
+
+
+cdef int vq_packed_recover_inflight(vq_t *vq) noexcept nogil:
+    """At queue start with an inflight region: a fresh region takes the positions SET_VRING_BASE
+    gave; a used one gives them back (QEMU cannot after a crash), finishes a used descriptor
+    being written, and queues the chains still in flight for resubmission, oldest first.
+    Returns how many, or -1 on allocation failure.  Every value read from the region is bounded:
+    the front-end can rewrite it."""
+    cdef inflight_packed_queue_t *q = vq.pinflight
+    cdef inflight_packed_id_t *e
+    cdef uint16_t used, avail, pending, pending_used, wrap, flags, n_desc
+    cdef uint32_t i, n = 0
+    cdef uint64_t *pairs
+    cdef vring_packed_desc_t d
+    if q.version == 0 or q.desc_num != vq.size or q.layout != INFLIGHT_PACKED_LAYOUT:
+        memset(vq.pinflight_ids, 0, sizeof(inflight_packed_id_t) * vq.size)
+        q.layout = INFLIGHT_PACKED_LAYOUT
+        q.desc_num = vq.size
+        q.avail_pos = vq.last_avail_idx
+        q.used_pos = vq.used_idx
+        q.pending_id = INFLIGHT_NO_ID
+        vhd_compiler_barrier()
+        q.version = 1
+        vq.inflight_counter = 0
+        return 0
+    used = q.used_pos
+    pending = q.pending_id
+    if pending < vq.size:
+        pending_used = q.pending_used
+        d = vq.pdesc[_packed_slot(vq, pending_used)]
+        wrap = _packed_wrap(vq, pending_used)
+        flags = d.flags
+        if (d.id == pending and ((flags & VRING_PACKED_DESC_F_AVAIL) != 0) == wrap
+                and ((flags & VRING_PACKED_DESC_F_USED) != 0) == wrap):
+            # It reached the ring: that request is done.
+            vq.pinflight_ids[pending].inflight = 0
+            n_desc = vq.pinflight_ids[pending].ndesc
+            used = <uint16_t>(pending_used + (n_desc if 0 < n_desc <= vq.size else 1))
+        else:
+            used = pending_used
+    q.pending_id = INFLIGHT_NO_ID
+    avail = q.avail_pos
+    if _ahead(avail, used) > vq.size:
+        avail = used
+    pairs = <uint64_t *>malloc(16 * <size_t>vq.size)
+    if pairs == NULL:
+        return -1
+    vq.inflight_counter = 0
+    for i in range(vq.size):
+        e = &vq.pinflight_ids[i]
+        if e.counter > vq.inflight_counter:
+            vq.inflight_counter = e.counter
+        if not e.inflight:
+            continue
+        if e.ndesc == 0 or e.ndesc > INFLIGHT_PACKED_DESCS:
+            e.inflight = 0
+            continue
+        # Fetched, marked, but the avail position not yet stored: it is past this chain.
+        if _ahead(avail, used) < _ahead(e.avail_after, used) <= vq.size:
+            avail = e.avail_after
+        pairs[2 * n] = e.counter
+        pairs[2 * n + 1] = i
+        n += 1
+    qsort(pairs, n, 16, _cmp_by_counter)
+    if vq.resubmit != NULL:
+        free(vq.resubmit)
+    vq.resubmit = <uint16_t *>malloc(2 * <size_t>(n if n else 1))
+    if vq.resubmit == NULL:
+        free(pairs)
+        return -1
+    for i in range(n):
+        vq.resubmit[i] = <uint16_t>pairs[2 * i + 1]
+    free(pairs)
+    vq.n_resubmit = <uint16_t>n
+    vq.resubmit_pos = 0
+    vq.last_avail_idx = vq.avail_cache = avail
+    vq.used_idx = vq.published_used = vq.signalled_used = vq.coalesced_used = used
+    q.avail_pos = avail
+    q.used_pos = used
+    return <int>n

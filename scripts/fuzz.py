@@ -221,6 +221,13 @@ class Ring:
         """What the used entry of the chain starting at descriptor head carries: head."""
         return head
 
+    def checkpoint(self):
+        return self.next_desc
+
+    def rollback(self, mark) -> None:
+        """Forget descriptors taken since checkpoint() (a case that ran out of room)."""
+        self.next_desc = mark
+
     def device_areas(self) -> list[tuple[int, int]]:
         """Ring memory the device may write (and the avail ring, which we write after the
         snapshot)."""
@@ -284,6 +291,14 @@ class PackedRing(Ring):
     def chain_id(self, head: int) -> int:
         """The buffer id the used descriptor of the chain starting at position head carries."""
         return self.ids.get(head, head % QUEUE_SIZE)
+
+    def checkpoint(self):
+        return self.next_desc, self.avail_pos
+
+    def rollback(self, mark) -> None:
+        """Give back positions taken since checkpoint(): slots taken but never made available
+        would stop the device there (it reads the ring in order)."""
+        self.next_desc, self.avail_pos = mark
 
     def desc(self, index: int, addr: int, length: int, flags: int, nxt: int = 0, table: int | None = None):
         if table is not None:          # a table entry: no avail bits, next unused
@@ -983,9 +998,11 @@ class Fuzzer:
         chaos = False
         for _ in range(count):
             case = rng.choices(names, weights)[0]
+            mark = s.ring.checkpoint()
             try:
                 built, extra = builder.build(case)
             except OverflowError:
+                s.ring.rollback(mark)
                 break
             report.tried[case] += 1
             for c in built:

@@ -540,9 +540,10 @@ def c_inflight_replaced_again_and_again(peer):
         assert msg is not None and msg[0] == Request.GET_INFLIGHT_FD and len(msg[3]) == 1
         for fd in msg[3]:
             os.close(fd)
-        # vhostd seals an inflight fd it is given against resizing, so it must be sealable.
-        peer.request(Request.SET_INFLIGHT_FD, p.InflightInfo(8192, 0, 1, 64).encode(),
-                     [memfd(8192, sealable=True)], flags=NEED_REPLY)
+        # vhostd seals an inflight fd it is given against resizing, so it must be sealable; 16 KiB
+        # holds one queue of 64 in either layout (packed rings keep a copy of each chain).
+        peer.request(Request.SET_INFLIGHT_FD, p.InflightInfo(16384, 0, 1, 64).encode(),
+                     [memfd(16384, sealable=True)], flags=NEED_REPLY)
         assert peer.ack() == 0
 
 

@@ -34,8 +34,10 @@ INFLIGHT_QUEUE_ALIGN = 64
 
 
 def inflight_queue_bytes(queue_size: int) -> int:
-    """Bytes of one queue's inflight-tracking region: 16-byte header + 16 per descriptor."""
-    return (16 + 16 * queue_size + INFLIGHT_QUEUE_ALIGN - 1) // INFLIGHT_QUEUE_ALIGN * INFLIGHT_QUEUE_ALIGN
+    """Bytes of one queue's inflight-tracking region (room for a split or a packed queue's
+    layout, dp.inflight_queue_bytes), aligned."""
+    need = dp.inflight_queue_bytes(queue_size)
+    return (need + INFLIGHT_QUEUE_ALIGN - 1) // INFLIGHT_QUEUE_ALIGN * INFLIGHT_QUEUE_ALIGN
 
 
 def _fix_size(fd: int) -> None:
@@ -353,7 +355,7 @@ class Connection:
                             self.session.negotiated(VirtioFeature.RING_INDIRECT_DESC), packed=packed)
             if packed and index == 0:
                 log.log(25, "%s: packed virtqueues", self.name)
-            if self.inflight_map is not None and index < self.inflight_queues and not packed:
+            if self.inflight_map is not None and index < self.inflight_queues:
                 resubmitted = queue.set_inflight(self.inflight_map,
                                                  self.inflight_base + index * self.inflight_stride)
                 if resubmitted:
