@@ -554,8 +554,17 @@ cdef struct vdrv_queue_stats_t:
 cdef struct vdrv_queue_t:
     guest_mem_t *mem         # driver memory: hva is ours, gpa what descriptors carry
     vring_desc_t *desc
-    uint16_t *avail          # flags, idx, ring[size], used_event
-    uint8_t *used            # flags, idx, ring[size] {id, len}, avail_event
+    uint16_t *avail          # flags, idx, ring[size], used_event (packed: the driver event area)
+    uint8_t *used            # flags, idx, ring[size] {id, len}, avail_event (packed: the device's)
+    # Packed rings: the descriptor ring; avail_idx / last_used_idx are then free-running slot
+    # positions (as the device keeps them), the buffer id of a request is its slot index, and the
+    # head flags of the first chain since the last flush wait in pending_* (a flush stores them:
+    # the device reads the ring in order, so it sees the whole batch at once).
+    vring_packed_desc_t *pdesc
+    uint32_t packed
+    uint16_t pending_pos
+    uint16_t pending_flags
+    uint32_t has_pending
     uint16_t size
     uint16_t index
     uint16_t *desc_next      # private free-list links (never read back from shared memory)

@@ -296,9 +296,20 @@ class PackedRing(Ring):
         return self.next_desc, self.avail_pos
 
     def rollback(self, mark) -> None:
-        """Give back positions taken since checkpoint(): slots taken but never made available
-        would stop the device there (it reads the ring in order)."""
+        """Give back positions taken since checkpoint() (slots taken but never made available
+        would stop the device there), and make what was written there unavailable again: the
+        rest of a chain is written available before its head, and the device would take it as
+        a chain of its own once it reaches that position."""
+        taken_to = self.avail_pos
         self.next_desc, self.avail_pos = mark
+        for bid in list(self.heads):
+            self.heads[bid] = [(pos, f) for pos, f in self.heads[bid] if pos < self.avail_pos]
+        self.head_positions = {pos for pos in self.head_positions if pos < self.avail_pos}
+        for pos in range(self.avail_pos, taken_to):
+            self.ids.pop(pos, None)
+            gpa = DESC_GPA + 16 * (pos % QUEUE_SIZE) + 14
+            flags = struct.unpack("<H", self.mem.read(gpa, 2))[0] & ~(F_AVAIL | F_USED)
+            self.mem.write(gpa, struct.pack("<H", flags | (self.avail_bits(pos) ^ (F_AVAIL | F_USED))))
 
     def desc(self, index: int, addr: int, length: int, flags: int, nxt: int = 0, table: int | None = None):
         if table is not None:          # a table entry: no avail bits, next unused
