@@ -261,10 +261,12 @@ class VhostdTarget(_Process):
 
     def __init__(self, bdev: str = "null", *, kind: str = "blk", image: str | None = None,
                  size_bytes: int = 1 << 30, block_size: int = 512, cpus=(0,),
-                 workdir: str | None = None, extra_args: list[str] | None = None) -> None:
+                 workdir: str | None = None, extra_args: list[str] | None = None,
+                 packed_ring: bool = False) -> None:
         if bdev not in ("null", "malloc", "file") or kind not in ("blk", "scsi"):
             raise ValueError("bdev is null, malloc or file; kind is blk or scsi")
         self.label = "vhostd-%s-%s" % (kind, bdev)
+        self.packed_ring = packed_ring      # blk: created with packed_ring (scsi always offers it)
         super().__init__(workdir)
         self.bdev = bdev
         self.kind = kind
@@ -290,7 +292,8 @@ class VhostdTarget(_Process):
         self._wait_until(lambda: os.path.exists(self.rpc_path), timeout_s, "waiting for the RPC socket")
         self._create_bdev()
         if self.kind == "blk":
-            self.rpc("vhost_create_blk_controller", {"ctrlr": self.ctrlr, "dev_name": "disk0"})
+            self.rpc("vhost_create_blk_controller", {"ctrlr": self.ctrlr, "dev_name": "disk0",
+                                                     **({"packed_ring": True} if self.packed_ring else {})})
         else:
             self.rpc("vhost_create_scsi_controller", {"ctrlr": self.ctrlr})
             self.rpc("vhost_scsi_controller_add_target",
@@ -506,7 +509,7 @@ class InProcessVhostdTarget(_Target):
 
 def make_target(spec: str, *, cpus=None, size_bytes: int = 1 << 30, num_queues: int = 1,
                 image: str | None = None, direct: bool = True, workdir: str | None = None,
-                spdk: str | None = None):
+                spdk: str | None = None, packed_ring: bool = False):
     """A target from a short name: qsd-null, qsd-file, vhostd-null, vhostd-malloc, vhostd-file,
     vhostd-scsi-null, vhostd-scsi-malloc, vhostd-scsi-file, vhostd-inproc-null,
     vhostd-inproc-malloc, vhostd-inproc-scsi-null, vhostd-inproc-scsi-malloc, spdk-null, spdk-malloc,
@@ -521,9 +524,10 @@ def make_target(spec: str, *, cpus=None, size_bytes: int = 1 << 30, num_queues: 
                          image=image, direct=direct, workdir=workdir)
     if parts[:2] == ["vhostd", "inproc"] and len(parts) in (3, 4):
         return InProcessVhostdTarget(parts[-1], cpus=cpus or (0,), size_bytes=size_bytes, workdir=workdir,
-                                     kind="scsi" if len(parts) == 4 and parts[2] == "scsi" else "blk")
+                                     kind="scsi" if len(parts) == 4 and parts[2] == "scsi" else "blk",
+                                     packed_ring=packed_ring)
     if parts[0] == "vhostd" and len(parts) in (2, 3):
         kind = parts[1] if len(parts) == 3 else "blk"
         return VhostdTarget(parts[-1], kind=kind, cpus=cpus or (0,), size_bytes=size_bytes,
-                            image=image, workdir=workdir)
+                            image=image, workdir=workdir, packed_ring=packed_ring)
     raise ValueError("unknown target %r (qsd-null, qsd-file, vhostd-null, vhostd-scsi-malloc, spdk-null …)" % spec)
