@@ -391,7 +391,7 @@ cdef inline bint vq_has_work(vq_t *vq) noexcept nogil:
 cdef inline bint vq_buffer_available(vq_t *vq) noexcept nogil:
     """The driver has posted a buffer we have not popped yet."""
     if vq.packed_ring:
-        return vq_packed_buffer_available(vq)
+        return vq.resubmit_pos < vq.n_resubmit or vq_packed_buffer_available(vq)
     return vq.resubmit_pos < vq.n_resubmit or vhd_load_u16(_avail_idx(vq)) != vq.last_avail_idx
 
 
