@@ -153,7 +153,8 @@ def test_bad_indirect_table_fails_the_request_not_the_queue(rig, table):
 
 def test_chain_longer_than_the_ring_breaks_the_queue_and_signals_err(rig):
     r = rig()
-    for slot in range(r.ring.size):
+    r.ring.write_desc(0, 0x2000, 16, 0, F_NEXT)          # not available until the end
+    for slot in range(1, r.ring.size):
         r.ring.write_desc(slot, 0x2000, 16, 0, F_NEXT | r.ring.avail_flags(slot))
     r.ring.publish_head(0, F_NEXT | r.ring.avail_flags(0))
     os.eventfd_write(r.kick, 1)
