@@ -200,6 +200,22 @@ cdef enum:
     VRING_AVAIL_F_NO_INTERRUPT = 1
     VRING_USED_F_NO_NOTIFY = 1
 
+# Packed virtqueues (virtio 1.1 §2.8): one ring of descriptors that the driver makes available and
+# the device marks used in place, each side with a wrap counter; two event suppression areas.
+cdef packed struct vring_packed_desc_t:
+    uint64_t addr
+    uint32_t len
+    uint16_t id              # buffer id (the last descriptor of a chain carries it)
+    uint16_t flags
+
+cdef enum:
+    VRING_PACKED_DESC_F_AVAIL = 0x80
+    VRING_PACKED_DESC_F_USED = 0x8000
+    VRING_PACKED_EVENT_F_ENABLE = 0
+    VRING_PACKED_EVENT_F_DISABLE = 1
+    VRING_PACKED_EVENT_F_DESC = 2     # notify at the descriptor off_wrap names (EVENT_IDX)
+    VRING_PACKED_MAX_INDIRECT = 65536  # entries of one indirect table
+
 cdef packed struct inflight_desc_t:
     uint8_t inflight
     uint8_t padding[5]
@@ -213,6 +229,35 @@ cdef packed struct inflight_queue_t:
     uint16_t last_batch_head
     uint16_t used_idx
     # inflight_desc_t desc[desc_num] follows
+
+# Inflight tracking of a packed queue (our layout of the region; the front-end keeps it, never reads
+# it).  The ring's descriptors are overwritten by used ones in any order, so each buffer id keeps a
+# copy of its chain (up to INFLIGHT_PACKED_DESCS descriptors: Linux sends one indirect descriptor per
+# request), and the header keeps both positions, which QEMU cannot give back after a crash.
+cdef enum:
+    INFLIGHT_PACKED_DESCS = 8
+    INFLIGHT_PACKED_LAYOUT = 0x444B4350      # "PCKD"
+    INFLIGHT_NO_ID = 0xFFFF
+
+cdef packed struct inflight_packed_id_t:
+    uint8_t inflight
+    uint8_t padding
+    uint16_t ndesc           # slots of the chain (copied below when ≤ INFLIGHT_PACKED_DESCS)
+    uint16_t avail_after     # avail position after this chain was fetched
+    uint16_t padding2
+    uint64_t counter         # fetch order
+    vring_packed_desc_t desc[INFLIGHT_PACKED_DESCS]
+
+cdef packed struct inflight_packed_queue_t:
+    uint64_t features
+    uint16_t version
+    uint16_t desc_num
+    uint32_t layout          # INFLIGHT_PACKED_LAYOUT
+    uint16_t avail_pos       # free-running positions (see vring_packed.pxi)
+    uint16_t used_pos
+    uint16_t pending_id      # a used descriptor being written: its id (INFLIGHT_NO_ID: none)
+    uint16_t pending_used    # and its used position
+    # inflight_packed_id_t ids[desc_num] follows
 
 cdef struct vq_stats_t:
     uint64_t requests
@@ -271,6 +316,7 @@ cdef struct task_t:
     uint8_t busy             # popped and not yet pushed
     uint8_t bad              # see above
     uint16_t batch_next      # inflight tracking: the previous head of the unpublished batch
+    uint16_t ndesc           # packed ring: descriptor slots the chain took (the used slot advances by it)
     uint32_t used_len        # bytes written into device-writable buffers
     uint32_t dev_u32         # device scratch (blk: request type; scsi: target)
     uint64_t start_tick
@@ -284,12 +330,20 @@ cdef struct task_t:
 cdef struct vq_t:
     guest_mem_t *mem
     vring_desc_t *desc
-    uint16_t *avail          # flags, idx, ring[size], used_event
-    uint8_t *used            # flags u16, idx u16, ring[size] {u32 id, u32 len}, avail_event u16
+    # split: flags, idx, ring[size], used_event.  packed: the driver event suppression area
+    # {off_wrap u16, flags u16}
+    uint16_t *avail
+    # split: flags u16, idx u16, ring[size] {u32 id, u32 len}, avail_event u16.  packed: the
+    # device event suppression area {off_wrap u16, flags u16}
+    uint8_t *used
+    vring_packed_desc_t *pdesc   # packed: the descriptor ring (desc is NULL)
+    uint32_t packed_ring     # VIRTIO_F_RING_PACKED negotiated
     uint16_t size
     uint16_t index           # queue number within its device
-    uint16_t last_avail_idx  # next avail slot we will read
-    uint16_t used_idx        # our copy of used->idx
+    # split: next avail slot we will read; packed: free-running count of descriptor slots
+    # consumed (slot = idx % size, wrap counter = 1 on even laps)
+    uint16_t last_avail_idx
+    uint16_t used_idx        # split: our copy of used->idx; packed: free-running used slots
     uint16_t signalled_used  # used idx at the last notification decision (EVENT_IDX "old")
     uint16_t inflight_count  # popped, not yet pushed
     uint32_t event_idx       # VIRTIO_RING_F_EVENT_IDX negotiated
@@ -314,6 +368,8 @@ cdef struct vq_t:
     # inflight tracking region (GET/SET_INFLIGHT_FD), or NULL
     inflight_queue_t *inflight
     inflight_desc_t *inflight_desc
+    inflight_packed_queue_t *pinflight       # packed rings: the same region, our packed layout
+    inflight_packed_id_t *pinflight_ids
     uint64_t inflight_counter
     uint16_t avail_cache     # avail.idx as last read (reread only when caught up)
     uint16_t published_used  # used.idx as last stored in guest memory
@@ -498,8 +554,17 @@ cdef struct vdrv_queue_stats_t:
 cdef struct vdrv_queue_t:
     guest_mem_t *mem         # driver memory: hva is ours, gpa what descriptors carry
     vring_desc_t *desc
-    uint16_t *avail          # flags, idx, ring[size], used_event
-    uint8_t *used            # flags, idx, ring[size] {id, len}, avail_event
+    uint16_t *avail          # flags, idx, ring[size], used_event (packed: the driver event area)
+    uint8_t *used            # flags, idx, ring[size] {id, len}, avail_event (packed: the device's)
+    # Packed rings: the descriptor ring; avail_idx / last_used_idx are then free-running slot
+    # positions (as the device keeps them), the buffer id of a request is its slot index, and the
+    # head flags of the first chain since the last flush wait in pending_* (a flush stores them:
+    # the device reads the ring in order, so it sees the whole batch at once).
+    vring_packed_desc_t *pdesc
+    uint32_t packed
+    uint16_t pending_pos
+    uint16_t pending_flags
+    uint32_t has_pending
     uint16_t size
     uint16_t index
     uint16_t *desc_next      # private free-list links (never read back from shared memory)

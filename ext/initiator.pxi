@@ -114,9 +114,24 @@ cdef int hva_to_segs(const guest_mem_t *mem, const uint8_t *hva, uint64_t length
 # ---------------------------------------------------------------------------------------------
 # Ring: descriptor free list, chains, publish, kick, used
 # ---------------------------------------------------------------------------------------------
+# Packed rings (virtio 1.1 §2.8), driver side: positions as free-running slot counts, the wrap
+# counter 1 on even laps (vring_packed.pxi keeps the device's the same way).
+cdef inline uint16_t _pk_wrap(vdrv_queue_t *q, uint16_t pos) noexcept nogil:
+    return 1 if (pos & q.size) == 0 else 0
+
+cdef inline uint16_t _pk_avail_bits(vdrv_queue_t *q, uint16_t pos) noexcept nogil:
+    return VRING_PACKED_DESC_F_AVAIL if _pk_wrap(q, pos) else VRING_PACKED_DESC_F_USED
+
+cdef inline uint16_t *_pk_flags(vring_packed_desc_t *d) noexcept nogil:
+    return <uint16_t *>(<uint8_t *>d + 14)
+
+cdef inline uint16_t _pk_off_wrap(vdrv_queue_t *q, uint16_t pos) noexcept nogil:
+    return (pos & (q.size - 1)) | (_pk_wrap(q, pos) << 15)
+
+
 cdef void vdrv_reset(vdrv_queue_t *q, uint16_t avail_idx, uint16_t used_idx) noexcept nogil:
     """Forget every request and start the ring at the given indexes (a fresh queue: both 0; a
-    queue resumed on a new back-end: its avail and used indexes)."""
+    queue resumed on a new back-end: its avail and used indexes; packed: positions)."""
     cdef uint32_t i
     for i in range(q.size):
         q.desc_next[i] = <uint16_t>(i + 1)
@@ -137,7 +152,9 @@ cdef void vdrv_reset(vdrv_queue_t *q, uint16_t avail_idx, uint16_t used_idx) noe
     q.kicked_idx = avail_idx
     q.last_used_idx = used_idx
     q.used_event = used_idx
-    vhd_store_u16(&q.avail[1], avail_idx)
+    q.has_pending = 0
+    if not q.packed:
+        vhd_store_u16(&q.avail[1], avail_idx)
     q.avail_flags = 0xFFFF                 # unknown: the next vdrv_set_interrupts stores
     vdrv_set_interrupts(q, q.interrupts)
 
@@ -165,6 +182,61 @@ cdef inline void vdrv_slot_put(vdrv_queue_t *q, vdrv_slot_t *slot) noexcept nogi
     q.free_slot = <uint16_t>(slot - q.slots)
 
 
+cdef int _vdrv_add_packed(vdrv_queue_t *q, vdrv_slot_t *slot, const vdrv_seg_t *segs, int n,
+                          bint use_indirect) noexcept nogil:
+    """vdrv_add_chain on a packed ring: the chain at the next avail positions, buffer id = slot
+    index, the head's flags stored last (or at the flush, for the first chain of a batch)."""
+    cdef vring_packed_desc_t *table
+    cdef vring_packed_desc_t *d
+    cdef uint16_t ndesc = 1 if use_indirect else <uint16_t>n
+    cdef uint16_t buffer_id = <uint16_t>(slot - q.slots)
+    cdef uint16_t pos = q.avail_idx
+    cdef uint16_t head_flags
+    cdef int k
+    if ndesc > q.size:
+        return -E2BIG
+    if q.num_free < ndesc:
+        return -EAGAIN
+    if use_indirect:
+        table = <vring_packed_desc_t *>(slot.area + AREA_TABLE_OFF)
+        for k in range(n):
+            table[k].addr = segs[k].gpa
+            table[k].len = segs[k].len
+            table[k].id = 0
+            table[k].flags = VRING_DESC_F_WRITE if segs[k].writable else 0
+        d = &q.pdesc[pos & (q.size - 1)]
+        d.addr = slot.area_gpa + AREA_TABLE_OFF
+        d.len = <uint32_t>(16 * n)
+        d.id = buffer_id
+        head_flags = VRING_DESC_F_INDIRECT | _pk_avail_bits(q, pos)
+    else:
+        for k in range(n - 1, -1, -1):          # the head last
+            d = &q.pdesc[<uint16_t>(pos + k) & (q.size - 1)]
+            d.addr = segs[k].gpa
+            d.len = segs[k].len
+            d.id = buffer_id
+            flags = (VRING_DESC_F_WRITE if segs[k].writable else 0) | (VRING_DESC_F_NEXT if k + 1 < n else 0) \
+                | _pk_avail_bits(q, <uint16_t>(pos + k))
+            if k:
+                d.flags = flags
+            else:
+                head_flags = flags
+    if q.has_pending:
+        vhd_store_u16(_pk_flags(&q.pdesc[pos & (q.size - 1)]), head_flags)
+    else:
+        q.has_pending = 1
+        q.pending_pos = pos
+        q.pending_flags = head_flags
+    slot.ndesc = ndesc
+    slot.head = pos
+    slot.submit_tick = vhd_ticks()
+    q.num_free -= ndesc
+    q.avail_idx = <uint16_t>(pos + ndesc)
+    q.inflight += 1
+    q.stats.submitted += 1
+    return 0
+
+
 cdef int vdrv_add_chain(vdrv_queue_t *q, vdrv_slot_t *slot, const vdrv_seg_t *segs, int n,
                         int indirect) noexcept nogil:
     """Write one request's buffers as a descriptor chain and an avail entry (published later by
@@ -183,6 +255,8 @@ cdef int vdrv_add_chain(vdrv_queue_t *q, vdrv_slot_t *slot, const vdrv_seg_t *se
             or (q.indirect_mode == VDRV_INDIRECT_AUTO and q.num_free < n))
     else:
         use_indirect = q.indirect and indirect > 0
+    if q.packed:
+        return _vdrv_add_packed(q, slot, segs, n, use_indirect)
     if use_indirect:
         if q.num_free < 1:
             return -EAGAIN
@@ -234,12 +308,47 @@ cdef int vdrv_add_chain(vdrv_queue_t *q, vdrv_slot_t *slot, const vdrv_seg_t *se
     return 0
 
 
+cdef bint _vdrv_flush_packed(vdrv_queue_t *q) noexcept nogil:
+    """Make the batch visible (the pending head's flags) and kick if the device's event area
+    asks for it: ENABLE, or DESC (EVENT_IDX) when the batch crossed its position."""
+    cdef uint32_t area
+    cdef uint16_t flags, off_wrap, event
+    cdef bint kick
+    if q.has_pending:
+        vhd_store_u16(_pk_flags(&q.pdesc[q.pending_pos & (q.size - 1)]), q.pending_flags)
+        q.has_pending = 0
+    q.published_idx = q.avail_idx
+    q.stats.publishes += 1
+    vhd_full_fence()
+    area = vhd_load_u32(<const uint32_t *>q.used)
+    flags = <uint16_t>(area >> 16)
+    if flags == VRING_PACKED_EVENT_F_DISABLE:
+        kick = False
+    elif flags == VRING_PACKED_EVENT_F_DESC and q.event_idx:
+        off_wrap = <uint16_t>area
+        event = <uint16_t>((q.avail_idx & ~(q.size - 1)) + (off_wrap & 0x7FFF))
+        if (off_wrap >> 15) != _pk_wrap(q, q.avail_idx):
+            event = <uint16_t>(event - q.size)
+        kick = _need_event(event, q.avail_idx, q.kicked_idx)
+    else:
+        kick = True
+    q.kicked_idx = q.avail_idx
+    if kick:
+        eventfd_signal(q.kick_fd)
+        q.stats.kicks += 1
+    else:
+        q.stats.kicks_suppressed += 1
+    return kick
+
+
 cdef bint vdrv_flush(vdrv_queue_t *q) noexcept nogil:
     """Publish the avail entries written since the last flush and kick the device if it asked
     for it.  Returns True if it kicked."""
     cdef bint kick
     if q.avail_idx == q.published_idx:
         return False
+    if q.packed:
+        return _vdrv_flush_packed(q)
     vhd_store_u16(&q.avail[1], q.avail_idx)
     q.published_idx = q.avail_idx
     q.stats.publishes += 1
@@ -261,6 +370,15 @@ cdef void vdrv_set_interrupts(vdrv_queue_t *q, bint wanted) noexcept nogil:
     """Ask for interrupts (before sleeping on call_fd) or tell the device not to send them
     (polling).  With EVENT_IDX a poller keeps used_event half a ring of indexes ahead."""
     cdef uint16_t flags
+    if q.packed:
+        # The driver event area: ENABLE / DISABLE, or DESC at the next used position (EVENT_IDX).
+        flags = (VRING_PACKED_EVENT_F_DESC if q.event_idx else VRING_PACKED_EVENT_F_ENABLE) if wanted \
+            else VRING_PACKED_EVENT_F_DISABLE
+        if flags != q.avail_flags or (wanted and q.event_idx and q.used_event != q.last_used_idx):
+            q.avail_flags = flags
+            q.used_event = q.last_used_idx
+            vhd_store_u32(<uint32_t *>q.avail, _pk_off_wrap(q, q.last_used_idx) | (<uint32_t>flags << 16))
+        return
     if q.event_idx:
         if wanted:
             q.used_event = q.last_used_idx
@@ -277,7 +395,16 @@ cdef void vdrv_set_interrupts(vdrv_queue_t *q, bint wanted) noexcept nogil:
             vhd_store_u16(&q.avail[0], flags)
 
 
+cdef inline bint _pk_is_used(vdrv_queue_t *q, uint16_t pos) noexcept nogil:
+    cdef uint16_t flags = vhd_load_u16(_pk_flags(&q.pdesc[pos & (q.size - 1)]))
+    cdef uint16_t wrap = _pk_wrap(q, pos)
+    return (((flags & VRING_PACKED_DESC_F_AVAIL) != 0) == wrap
+            and ((flags & VRING_PACKED_DESC_F_USED) != 0) == wrap)
+
+
 cdef inline bint vdrv_has_used(vdrv_queue_t *q) noexcept nogil:
+    if q.packed:
+        return q.inflight > 0 and _pk_is_used(q, q.last_used_idx)
     return vhd_load_u16(_drv_used_idx(q)) != q.last_used_idx
 
 
@@ -509,6 +636,32 @@ cdef void _vdrv_complete(vdrv_queue_t *q, vdrv_slot_t *slot) noexcept nogil:
     bdev_io_finish(io, status)
 
 
+cdef int _vdrv_poll_packed(vdrv_queue_t *q, int budget) noexcept nogil:
+    """vdrv_poll on a packed ring: used descriptors at the used position, each naming its slot
+    (buffer id); the position advances by that request's descriptor count."""
+    cdef vring_packed_desc_t *d
+    cdef uint16_t buffer_id
+    cdef vdrv_slot_t *slot
+    cdef int n = 0
+    while n < budget and q.inflight > 0 and _pk_is_used(q, q.last_used_idx):
+        d = &q.pdesc[q.last_used_idx & (q.size - 1)]
+        buffer_id = d.id
+        if buffer_id >= q.nslots or not q.slots[buffer_id].busy or q.slots[buffer_id].done:
+            q.broken = 1
+            return -1
+        slot = &q.slots[buffer_id]
+        slot.used_len = d.len
+        q.last_used_idx = <uint16_t>(q.last_used_idx + slot.ndesc)
+        q.num_free += slot.ndesc
+        q.inflight -= 1
+        q.stats.completed += 1
+        _vdrv_complete(q, slot)
+        n += 1
+    if not q.interrupts:
+        vdrv_set_interrupts(q, False)
+    return n
+
+
 cdef int vdrv_poll(vdrv_queue_t *q, int budget) noexcept nogil:
     """Complete up to budget used entries: free their descriptors, then finish each request
     (io.cb for bdev I/O — it may submit again — or the done list for caller-posted chains).
@@ -521,6 +674,8 @@ cdef int vdrv_poll(vdrv_queue_t *q, int budget) noexcept nogil:
     cdef int n = 0
     if q.broken:
         return -1
+    if q.packed:
+        return _vdrv_poll_packed(q, budget)
     used_idx = vhd_load_u16(_drv_used_idx(q))
     if <uint16_t>(used_idx - q.last_used_idx) > q.inflight:
         q.broken = 1
@@ -905,9 +1060,10 @@ cdef class DriverQueue:
 
     def __cinit__(self, DriverMemory memory, uint16_t index, uint16_t size, *, bint event_idx=False,
                   bint indirect=False, int indirect_mode=VDRV_INDIRECT_AUTO,
-                  uint32_t bounce_bytes=0, int device=VDRV_DEV_RAW, uint16_t nslots=0):
+                  uint32_t bounce_bytes=0, int device=VDRV_DEV_RAW, uint16_t nslots=0, bint packed=False):
         cdef vdrv_queue_t *q
         cdef uint32_t i
+        cdef size_t desc_bytes, avail_bytes, used_bytes
         if size == 0 or size > 32768 or (size & (size - 1)):
             raise ValueError("queue size %d is not a power of two up to 32768" % size)
         if nslots == 0 or nslots > size:
@@ -934,15 +1090,21 @@ cdef class DriverQueue:
         q.device = device
         q.bounce_bytes = (bounce_bytes + 4095) // 4096 * 4096
         q.slot_bytes = AREA_BOUNCE_OFF + q.bounce_bytes if q.bounce_bytes else AREA_MIN_BYTES
+        q.packed = packed
+        # Packed: the descriptor ring, the driver and the device event suppression areas.
+        desc_bytes = vring_desc_bytes(size)
+        avail_bytes = 4 if packed else vring_avail_bytes(size)
+        used_bytes = 4 if packed else vring_used_bytes(size)
         # Each ring starts on its own cache line: the driver writes desc/avail, the device used.
-        self.desc_gpa = memory.alloc(vring_desc_bytes(size), 4096)
-        self.avail_gpa = memory.alloc(vring_avail_bytes(size), 64)
-        self.used_gpa = memory.alloc(vring_used_bytes(size), 64)
+        self.desc_gpa = memory.alloc(desc_bytes, 4096)
+        self.avail_gpa = memory.alloc(avail_bytes, 64)
+        self.used_gpa = memory.alloc(used_bytes, 64)
         self.slots_gpa = memory.alloc(<uint64_t>q.slot_bytes * nslots, 4096)
-        memory.fill(self.desc_gpa, vring_desc_bytes(size))
-        memory.fill(self.avail_gpa, vring_avail_bytes(size))
-        memory.fill(self.used_gpa, vring_used_bytes(size))
+        memory.fill(self.desc_gpa, desc_bytes)
+        memory.fill(self.avail_gpa, avail_bytes)
+        memory.fill(self.used_gpa, used_bytes)
         q.desc = <vring_desc_t *>memory.ptr(self.desc_gpa, 0)
+        q.pdesc = <vring_packed_desc_t *>q.desc if packed else NULL
         q.avail = <uint16_t *>memory.ptr(self.avail_gpa, 0)
         q.used = memory.ptr(self.used_gpa, 0)
         for i in range(nslots):
@@ -1009,6 +1171,17 @@ cdef class DriverQueue:
     def reset(self, uint16_t avail_idx=0, uint16_t used_idx=0):
         """Forget every request; the ring restarts at these indexes."""
         vdrv_reset(self.c(), avail_idx, used_idx)
+
+    @property
+    def packed(self):
+        return bool(self.c().packed)
+
+    @property
+    def packed_base(self):
+        """SET_VRING_BASE's value for a packed ring at its current positions: avail position and
+        wrap counter in bits 0-15, used ones in 16-31 (0x80008000 for a fresh ring)."""
+        cdef vdrv_queue_t *q = self.c()
+        return _pk_off_wrap(q, q.avail_idx) | (<uint32_t>_pk_off_wrap(q, q.last_used_idx) << 16)
 
     # -- state -----------------------------------------------------------------------------
     @property

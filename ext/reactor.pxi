@@ -356,7 +356,7 @@ cdef class Reactor:
 
     def post_remove_queue(self, VirtQueue queue):
         """Stop fetching from queue, wait for its in-flight requests, stop polling it.  When done,
-        queue.last_avail_idx is what GET_VRING_BASE answers."""
+        queue.vring_base is what GET_VRING_BASE answers."""
         return self._post(MB_REMOVE_QUEUE, queue.vq, -1, queue)
 
     def forget_queue(self, VirtQueue queue):

@@ -154,6 +154,8 @@ cdef int vq_pop(vq_t *vq, task_t **out) noexcept nogil:
     """Fetch the next request: 1 with *out set, 0 if none is available, -1 if the ring broke."""
     cdef uint16_t avail_idx, head
     cdef task_t *task
+    if vq.packed_ring:
+        return vq_packed_pop(vq, out)
     if vq.resubmit_pos < vq.n_resubmit:
         # Requests in flight when the previous back-end stopped come first, oldest first.
         head = vq.resubmit[vq.resubmit_pos]
@@ -214,7 +216,15 @@ cdef void task_complete(task_t *task, bint failed) noexcept nogil:
     """Return a task's buffers to the driver: the used entry now, the used index at the end of
     the pass (vq_publish), the interrupt decision after that (vq_notify)."""
     cdef vq_t *vq = task.vq
-    cdef vring_used_elem_t *elem = _used_elem(vq, vq.used_idx % vq.size)
+    cdef vring_used_elem_t *elem
+    if vq.packed_ring:
+        vq_packed_push(vq, task)
+        _account(vq, task, failed)
+        task.busy = 0
+        vq.inflight_count -= 1
+        vq.need_notify = 1
+        return
+    elem = _used_elem(vq, vq.used_idx % vq.size)
     elem.id = task.head
     elem.len = task.used_len
     vq.used_idx += 1
@@ -266,6 +276,8 @@ cdef enum:
 cdef inline bint _driver_wants_interrupt(vq_t *vq) noexcept nogil:
     """Whether the driver asked for an interrupt for the entries pushed since the last decision
     (EVENT_IDX: used_event crossed; otherwise NO_INTERRUPT clear).  used.idx is published."""
+    if vq.packed_ring:
+        return vq_packed_driver_wants_interrupt(vq)
     vhd_full_fence()       # the used index must be visible before we read the driver's wishes
     if vq.event_idx:
         return _need_event(_used_event(vq), vq.used_idx, vq.signalled_used)
@@ -345,7 +357,9 @@ cdef void vq_disable_kicks(vq_t *vq) noexcept nogil:
     if not vq.notify_enabled:
         return
     vq.notify_enabled = 0
-    if not vq.event_idx:
+    if vq.packed_ring:
+        vq_packed_disable_kicks(vq)
+    elif not vq.event_idx:
         vhd_store_u16(_used_flags(vq), VRING_USED_F_NO_NOTIFY)
 
 
@@ -353,7 +367,9 @@ cdef bint vq_enable_kicks(vq_t *vq) noexcept nogil:
     """Before sleeping, ask the driver to kick for the next request.  Returns True if requests
     arrived meanwhile (then the caller must not sleep)."""
     vq.notify_enabled = 1
-    if vq.event_idx:
+    if vq.packed_ring:
+        vq_packed_enable_kicks(vq)
+    elif vq.event_idx:
         vhd_store_u16(_avail_event(vq), vq.last_avail_idx)
     else:
         vhd_store_u16(_used_flags(vq), 0)
@@ -368,11 +384,13 @@ cdef inline bint vq_has_work(vq_t *vq) noexcept nogil:
         return True
     if vq.hold_buffers:
         return False
-    return vq.resubmit_pos < vq.n_resubmit or vhd_load_u16(_avail_idx(vq)) != vq.last_avail_idx
+    return vq_buffer_available(vq)
 
 
 cdef inline bint vq_buffer_available(vq_t *vq) noexcept nogil:
     """The driver has posted a buffer we have not popped yet."""
+    if vq.packed_ring:
+        return vq.resubmit_pos < vq.n_resubmit or vq_packed_buffer_available(vq)
     return vq.resubmit_pos < vq.n_resubmit or vhd_load_u16(_avail_idx(vq)) != vq.last_avail_idx
 
 
@@ -468,6 +486,14 @@ cdef int vq_recover_inflight(vq_t *vq) noexcept nogil:
 # ---------------------------------------------------------------------------------------------
 # Python face
 # ---------------------------------------------------------------------------------------------
+cpdef size_t inflight_queue_bytes(uint16_t queue_size):
+    """Bytes one queue of queue_size needs in an inflight region: room for either layout (the
+    front-end asks for the region before it sets features)."""
+    cdef size_t split = sizeof(inflight_queue_t) + sizeof(inflight_desc_t) * <size_t>queue_size
+    cdef size_t packed = sizeof(inflight_packed_queue_t) + sizeof(inflight_packed_id_t) * <size_t>queue_size
+    return split if split > packed else packed
+
+
 cdef class VirtQueue:
     """The C state of one virtqueue (vq_t and its task pool) and the control plane's handle on it.
 
@@ -489,23 +515,42 @@ cdef class VirtQueue:
         self.vq.err_fd = -1
 
     def configure(self, GuestMemory memory, uint16_t size, uint64_t desc_uaddr,
-                  uint64_t avail_uaddr, uint64_t used_uaddr, uint16_t last_avail_idx,
-                  bint event_idx, bint indirect):
+                  uint64_t avail_uaddr, uint64_t used_uaddr, uint32_t base,
+                  bint event_idx, bint indirect, bint packed=False):
         """Point the queue at its rings (front-end virtual addresses, as SET_VRING_ADDR gives
         them).  ValueError if the size is not a power of two ≤ 1024 or a ring is outside guest
-        memory.  The used index is read from guest memory (it survives a back-end restart)."""
+        memory.
+
+        Split ring: base is the next avail index; the used index is read from guest memory (it
+        survives a back-end restart).  Packed ring (desc: the descriptor ring, avail: the driver
+        event suppression area, used: the device's): base is SET_VRING_BASE's value, the avail
+        position in bits 0-14 with its wrap counter in bit 15, and the used position likewise in
+        bits 16-31 (0 there: the same as avail)."""
         cdef vq_t *vq = self.vq
         cdef uint8_t *desc
         cdef uint8_t *avail
         cdef uint8_t *used
+        cdef uint16_t avail_pos = <uint16_t>base
+        cdef uint16_t used_pos = <uint16_t>(base >> 16)
         if size == 0 or size > MAX_QUEUE_SIZE or (size & (size - 1)):
             raise ValueError("queue size %d is not a power of two between 1 and %d" % (size, MAX_QUEUE_SIZE))
-        desc = uaddr_to_hva(memory.mem, desc_uaddr, vring_desc_bytes(size))
-        avail = uaddr_to_hva(memory.mem, avail_uaddr, vring_avail_bytes(size))
-        used = uaddr_to_hva(memory.mem, used_uaddr, vring_used_bytes(size))
+        if packed:
+            if used_pos == 0:
+                used_pos = avail_pos
+            if (avail_pos & 0x7FFF) >= size or (used_pos & 0x7FFF) >= size:
+                raise ValueError("queue %d: packed base %#x is outside a ring of %d" % (vq.index, base, size))
+            desc = uaddr_to_hva(memory.mem, desc_uaddr, 16 * <size_t>size)
+            avail = uaddr_to_hva(memory.mem, avail_uaddr, 4)
+            used = uaddr_to_hva(memory.mem, used_uaddr, 4)
+        else:
+            if base > 0xFFFF:
+                raise ValueError("queue %d: split-ring base %#x does not fit 16 bits" % (vq.index, base))
+            desc = uaddr_to_hva(memory.mem, desc_uaddr, vring_desc_bytes(size))
+            avail = uaddr_to_hva(memory.mem, avail_uaddr, vring_avail_bytes(size))
+            used = uaddr_to_hva(memory.mem, used_uaddr, vring_used_bytes(size))
         if desc == NULL or avail == NULL or used == NULL:
             raise ValueError("queue %d: a ring lies outside guest memory" % vq.index)
-        if (<size_t>desc) % 16 or (<size_t>avail) % 2 or (<size_t>used) % 4:
+        if (<size_t>desc) % 16 or (<size_t>avail) % (4 if packed else 2) or (<size_t>used) % 4:
             raise ValueError("queue %d: misaligned ring address" % vq.index)
         if vq.tasks == NULL or vq.size != size:
             free(vq.tasks)
@@ -516,12 +561,18 @@ cdef class VirtQueue:
             vq.tasks[i].vq = vq
         self.memory = memory
         vq.mem = memory.mem
-        vq.desc = <vring_desc_t *>desc
+        vq.packed_ring = packed
+        vq.desc = NULL if packed else <vring_desc_t *>desc
+        vq.pdesc = <vring_packed_desc_t *>desc if packed else NULL
         vq.avail = <uint16_t *>avail
         vq.used = used
         vq.size = size
-        vq.last_avail_idx = vq.avail_cache = last_avail_idx
-        vq.used_idx = vq.published_used = vhd_load_u16(_used_idx(vq))
+        if packed:
+            vq.last_avail_idx = vq.avail_cache = _packed_count(vq, avail_pos)
+            vq.used_idx = vq.published_used = _packed_count(vq, used_pos)
+        else:
+            vq.last_avail_idx = vq.avail_cache = <uint16_t>base
+            vq.used_idx = vq.published_used = vhd_load_u16(_used_idx(vq))
         vq.signalled_used = vq.coalesced_used = vq.used_idx
         vq.batch_len = 0
         vq.event_idx = event_idx
@@ -539,16 +590,20 @@ cdef class VirtQueue:
         resubmitted.  Call after configure()."""
         cdef vq_t *vq = self.vq
         cdef const uint8_t[:] view = region
-        cdef size_t need = sizeof(inflight_queue_t) + sizeof(inflight_desc_t) * <size_t>vq.size
         cdef int n
         if vq.size == 0:
             raise ValueError("queue not configured")
-        if offset + need > <size_t>view.shape[0]:
+        if offset + inflight_queue_bytes(vq.size) > <size_t>view.shape[0]:
             raise ValueError("inflight region too small for queue %d" % vq.index)
         self.inflight_map = region
-        vq.inflight = <inflight_queue_t *>(<uint8_t *>&view[0] + offset)
-        vq.inflight_desc = <inflight_desc_t *>(<uint8_t *>vq.inflight + sizeof(inflight_queue_t))
-        n = vq_recover_inflight(vq)
+        if vq.packed_ring:
+            vq.pinflight = <inflight_packed_queue_t *>(<uint8_t *>&view[0] + offset)
+            vq.pinflight_ids = <inflight_packed_id_t *>(<uint8_t *>vq.pinflight + sizeof(inflight_packed_queue_t))
+            n = vq_packed_recover_inflight(vq)
+        else:
+            vq.inflight = <inflight_queue_t *>(<uint8_t *>&view[0] + offset)
+            vq.inflight_desc = <inflight_desc_t *>(<uint8_t *>vq.inflight + sizeof(inflight_queue_t))
+            n = vq_recover_inflight(vq)
         if n < 0:
             raise MemoryError()
         return n
@@ -556,6 +611,8 @@ cdef class VirtQueue:
     def clear_inflight(self):
         self.vq.inflight = NULL
         self.vq.inflight_desc = NULL
+        self.vq.pinflight = NULL
+        self.vq.pinflight_ids = NULL
         self.inflight_map = None
 
     def set_fds(self, int kick_fd=-1, int call_fd=-1, int err_fd=-1):
@@ -598,6 +655,19 @@ cdef class VirtQueue:
     @property
     def used_idx(self):
         return self.vq.used_idx
+
+    @property
+    def packed(self):
+        return bool(self.vq.packed_ring)
+
+    @property
+    def vring_base(self):
+        """GET_VRING_BASE's answer once the queue is stopped: split, the next avail index;
+        packed, the avail position and wrap counter (bits 0-15) and the used ones (16-31)."""
+        cdef vq_t *vq = self.vq
+        if not vq.packed_ring:
+            return vq.last_avail_idx
+        return _packed_off_wrap(vq, vq.last_avail_idx) | (<uint32_t>_packed_off_wrap(vq, vq.used_idx) << 16)
 
     @property
     def inflight_count(self):

@@ -8,16 +8,20 @@ regions, lengths 0 and huge, looping chains, indirect tables inside indirect tab
 segments, wrong directions, bad virtio-blk types and headers, avail index jumps, heads out of
 range or already in flight, random garbage, buffers that alias the ring, and (with
 ``--scribble-inflight``) a front-end that rewrites the shared inflight-tracking region under the
-device.  Valid requests are mixed in.
+device.  Valid requests are mixed in.  With ``--packed`` the ring is a packed virtqueue
+(VIRTIO_F_RING_PACKED) on a controller that offers it: the same chains laid out as packed
+descriptors, and instead of the split-only tricks (loops through next, avail index jumps) chains
+longer than the ring, buffer ids out of range or twice in flight.
 
 Oracles, per batch of requests:
-  * every request completes (a used entry with its head, once) or the ring is marked broken (the
+  * every request completes (a used entry with its head or buffer id, once) or the ring is marked broken (the
     error eventfd fires); nothing hangs;
   * a request expected to fail gets an error status (or no status byte at all), one expected to
     succeed gets OK, a structurally broken ring breaks;
   * used.len never exceeds the writable bytes of the chain;
   * the device writes guest memory only inside the chain's device-writable buffers and the used
-    ring (every other byte of guest memory is compared before and after);
+    ring (packed: the descriptor ring and the device event area; every other byte of guest memory
+    is compared before and after);
   * after a broken ring is reset (GET_VRING_BASE, then set up again) the queue serves again;
   * a second controller keeps serving through the project's front-end (vhostd.initiator).
 
@@ -27,6 +31,7 @@ Targets: ``--target daemon`` (default) starts a vhostd with two blk controllers 
 
     python scripts/fuzz.py --iterations 2000 --seed 7
     python scripts/fuzz.py --soak                # 20000 iterations
+    python scripts/fuzz.py --packed --iterations 2000
 """
 
 from __future__ import annotations
@@ -53,7 +58,9 @@ from vhostd.vhost.features import ProtocolFeature, VirtioFeature, bit  # noqa: E
 from vhostd.vhost.protocol import Request  # noqa: E402
 
 DESC = struct.Struct("<QIHH")
+PACKED_DESC = struct.Struct("<QIHH")      # addr, len, buffer id, flags
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+F_AVAIL, F_USED = 1 << 7, 1 << 15
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 SECTOR = 512
@@ -72,6 +79,9 @@ BUFFERS = ((0x40000, 4 * MIB), (8 * MIB, 9 * MIB))  # where request buffers go
 MAX_SEGMENTS = 128                                  # the device's seg_max
 USED_RING = (USED_GPA, USED_GPA + 6 + 8 * QUEUE_SIZE)
 AVAIL_RING = (AVAIL_GPA, AVAIL_GPA + 6 + 2 * QUEUE_SIZE)
+# Packed ring: descriptors at DESC_GPA, the driver event area at AVAIL_GPA, the device's at USED_GPA.
+PACKED_RING = (DESC_GPA, DESC_GPA + 16 * QUEUE_SIZE)
+PACKED_EVENT_AREAS = ((AVAIL_GPA, AVAIL_GPA + 4), (USED_GPA, USED_GPA + 4))
 
 
 class Finding(Exception):
@@ -207,6 +217,141 @@ class Ring:
             self.used_seen = (self.used_seen + 1) & 0xFFFF
         return out
 
+    def chain_id(self, head: int) -> int:
+        """What the used entry of the chain starting at descriptor head carries: head."""
+        return head
+
+    def checkpoint(self):
+        return self.next_desc
+
+    def rollback(self, mark) -> None:
+        """Forget descriptors taken since checkpoint() (a case that ran out of room)."""
+        self.next_desc = mark
+
+    def device_areas(self) -> list[tuple[int, int]]:
+        """Ring memory the device may write (and the avail ring, which we write after the
+        snapshot)."""
+        return [USED_RING, AVAIL_RING]
+
+    def base(self) -> int:
+        """SET_VRING_BASE of a fresh ring."""
+        return 0
+
+
+class PackedRing(Ring):
+    """The driver side of queue 0 as a packed virtqueue.
+
+    Positions are free-running slot counts (slot = count % size, wrap counter 1 on even laps).
+    take() hands out consecutive positions from the avail position; a chain's buffer id is the
+    slot of its first descriptor (unique among the chains of a batch: the ring drains between
+    batches).  A chain's head descriptor is written not yet available and made available by
+    publish(), after the rest of the chain."""
+
+    def reset(self) -> None:
+        self.mem.write(DESC_GPA, bytes(16 * QUEUE_SIZE))
+        self.mem.write(AVAIL_GPA, bytes(4))
+        self.mem.write(USED_GPA, bytes(4))
+        self.avail_pos = 0
+        self.used_pos = 0
+        self.next_desc = 0
+        self.batch_start = 0
+        self.new_batch()
+
+    def new_batch(self) -> None:
+        """Forget the previous batch's chains (it drained, or the ring was reset)."""
+        self.heads: dict[int, list[tuple[int, int]]] = {}   # buffer id → [(head position, flags)]
+        self.chain_len: dict[int, int] = {}                 # buffer id → slots of its chain
+        self.head_positions: set[int] = set()
+        self.ids: dict[int, int] = {}                       # position → buffer id its chain carries
+
+    @staticmethod
+    def wrap(pos: int) -> int:
+        return 1 if (pos // QUEUE_SIZE) % 2 == 0 else 0
+
+    def avail_bits(self, pos: int) -> int:
+        return F_AVAIL if self.wrap(pos) else F_USED
+
+    def take(self, count: int, buffer_id: int | None = None) -> list[int]:
+        if self.next_desc == 0:
+            self.batch_start = self.avail_pos
+            self.new_batch()
+        if self.next_desc + count > QUEUE_SIZE:
+            raise OverflowError
+        first = self.batch_start + self.next_desc
+        self.next_desc += count
+        positions = list(range(first, first + count))
+        bid = first % QUEUE_SIZE if buffer_id is None else buffer_id
+        for pos in positions:
+            self.ids[pos] = bid
+        self.head_positions.add(first)
+        self.chain_len[bid] = count
+        self.avail_pos = first + count
+        return positions
+
+    def chain_id(self, head: int) -> int:
+        """The buffer id the used descriptor of the chain starting at position head carries."""
+        return self.ids.get(head, head % QUEUE_SIZE)
+
+    def checkpoint(self):
+        return self.next_desc, self.avail_pos
+
+    def rollback(self, mark) -> None:
+        """Give back positions taken since checkpoint() (slots taken but never made available
+        would stop the device there), and make what was written there unavailable again: the
+        rest of a chain is written available before its head, and the device would take it as
+        a chain of its own once it reaches that position."""
+        taken_to = self.avail_pos
+        self.next_desc, self.avail_pos = mark
+        for bid in list(self.heads):
+            self.heads[bid] = [(pos, f) for pos, f in self.heads[bid] if pos < self.avail_pos]
+        self.head_positions = {pos for pos in self.head_positions if pos < self.avail_pos}
+        for pos in range(self.avail_pos, taken_to):
+            self.ids.pop(pos, None)
+            gpa = DESC_GPA + 16 * (pos % QUEUE_SIZE) + 14
+            flags = struct.unpack("<H", self.mem.read(gpa, 2))[0] & ~(F_AVAIL | F_USED)
+            self.mem.write(gpa, struct.pack("<H", flags | (self.avail_bits(pos) ^ (F_AVAIL | F_USED))))
+
+    def desc(self, index: int, addr: int, length: int, flags: int, nxt: int = 0, table: int | None = None):
+        if table is not None:          # a table entry: no avail bits, next unused
+            self.mem.write(table + 16 * index, PACKED_DESC.pack(addr & (2**64 - 1), length & 0xFFFFFFFF,
+                                                                0, flags & 0xFFFF))
+            return
+        pos, bid = index, self.ids.get(index, index % QUEUE_SIZE)
+        flags = (flags & ~(F_AVAIL | F_USED) & 0xFFFF) | self.avail_bits(pos)
+        if pos in self.head_positions:
+            # the head: written unavailable (the other lap's bits), made available by publish()
+            self.heads.setdefault(bid, []).append((pos, flags))
+            flags ^= F_AVAIL | F_USED
+        self.mem.write(DESC_GPA + 16 * (pos % QUEUE_SIZE),
+                       PACKED_DESC.pack(addr & (2**64 - 1), length & 0xFFFFFFFF, bid, flags))
+
+    def publish(self, head: int) -> None:
+        """Make the chains with buffer id head available (their head flags, stored last; later
+        chains first, so the device sees them all at once)."""
+        for pos, flags in reversed(self.heads.pop(head, [])):
+            self.mem.write(DESC_GPA + 16 * (pos % QUEUE_SIZE) + 14, struct.pack("<H", flags))
+
+    def set_avail_idx(self, value: int) -> None:
+        raise NotImplementedError("packed rings have no avail index")
+
+    def pop_used(self) -> list[tuple[int, int]]:
+        out = []
+        while True:
+            _, length, bid, flags = PACKED_DESC.unpack(self.mem.read(DESC_GPA + 16 * (self.used_pos % QUEUE_SIZE), 16))
+            wrap = self.wrap(self.used_pos)
+            if bool(flags & F_AVAIL) != bool(wrap) or bool(flags & F_USED) != bool(wrap):
+                return out
+            out.append((bid, length))
+            self.used_pos += self.chain_len.get(bid, 1)
+            if len(out) > QUEUE_SIZE:
+                return out             # a device that keeps "using": the oracles will object
+
+    def device_areas(self) -> list[tuple[int, int]]:
+        return [PACKED_RING, *PACKED_EVENT_AREAS]
+
+    def base(self) -> int:
+        return 0x8000 | 0x8000 << 16      # slot 0, wrap counters 1
+
 
 # ---------------------------------------------------------------------------------------------
 # A raw front-end session on one blk controller
@@ -214,10 +359,11 @@ class Ring:
 class Session:
     """vhost-user set-up of queue 0 over the fuzzer's memory, and its reset after a break."""
 
-    def __init__(self, path: str, scribble_inflight: bool = False) -> None:
+    def __init__(self, path: str, scribble_inflight: bool = False, packed: bool = False) -> None:
         self.path = path
+        self.packed = packed
         self.mem = GuestMemory()
-        self.ring = Ring(self.mem)
+        self.ring = PackedRing(self.mem) if packed else Ring(self.mem)
         self.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -239,6 +385,10 @@ class Session:
         ch.request(Request.SET_OWNER, ack=True)
         features = offered & (bit(VirtioFeature.VERSION_1) | bit(VirtioFeature.RING_INDIRECT_DESC)
                               | bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES))
+        if self.packed:
+            if not offered & bit(VirtioFeature.RING_PACKED):
+                raise RuntimeError("%s does not offer packed rings" % self.path)
+            features |= bit(VirtioFeature.RING_PACKED)
         ch.request(Request.SET_FEATURES, p.encode_u64(features), ack=True)
         cfg = ch.call(Request.GET_CONFIG, p.ConfigSpace(0, 8, 0, bytes(8)).encode(), reply_size=20)
         self.capacity_sectors = struct.unpack("<Q", cfg.payload[12:20])[0]
@@ -260,7 +410,7 @@ class Session:
         if self.inflight is not None:
             self.inflight[:] = bytes(len(self.inflight))
         ch.request(Request.SET_VRING_NUM, p.VringState(0, QUEUE_SIZE).encode(), ack=True)
-        ch.request(Request.SET_VRING_BASE, p.VringState(0, 0).encode(), ack=True)
+        ch.request(Request.SET_VRING_BASE, p.VringState(0, self.ring.base()).encode(), ack=True)
         ch.request(Request.SET_VRING_ADDR, p.VringAddr(0, 0, UADDR_BASE + DESC_GPA, UADDR_BASE + USED_GPA,
                                                        UADDR_BASE + AVAIL_GPA).encode(), ack=True)
         ch.request(Request.SET_VRING_KICK, p.encode_u64(0), [self.kick], ack=True)
@@ -413,7 +563,7 @@ class Builder:
             if nexts is not None and k in nexts:
                 nxt = nexts[k]
             self.ring.desc(ids[k], gpa, length, flags, nxt)
-        return ids[0]
+        return self.ring.chain_id(ids[0])
 
     def write_table(self, segments) -> int:
         """A new indirect table holding segments as one well-linked chain; returns its address."""
@@ -429,7 +579,7 @@ class Builder:
         (head,) = self.ring.take(1)
         self.ring.desc(head, table if table_addr is None else table_addr,
                        16 * len(segments) if table_len is None else table_len, head_flags)
-        return head
+        return self.ring.chain_id(head)
 
     def chain(self, case, head, segments, expect, status=None, check_data=None) -> Chain:
         writable = [(g, g + n) for g, n, w in segments if w and n]
@@ -537,7 +687,7 @@ class Builder:
         self.ring.desc(1, st, 1, F_WRITE, table=outer)
         (head,) = self.ring.take(1)
         self.ring.desc(head, outer, 32, F_INDIRECT)
-        return [self.chain("nested_indirect", head, segs + [(st, 1, True)], "error", st)], {}
+        return [self.chain("nested_indirect", self.ring.chain_id(head), segs + [(st, 1, True)], "error", st)], {}
 
     def case_indirect_with_next(self):
         segs, st = self.valid_segments()
@@ -551,7 +701,7 @@ class Builder:
         hdr = self.header(T_IN, 0)
         self.ring.desc(first, hdr, 16, F_NEXT, second)
         self.ring.desc(second, table, 16 * len(segs), F_INDIRECT)
-        return [self.chain("indirect_not_alone", first, segs, "error", st)], {}
+        return [self.chain("indirect_not_alone", self.ring.chain_id(first), segs, "error", st)], {}
 
     def case_indirect_bad_table(self):
         segs, st = self.valid_segments()
@@ -672,10 +822,75 @@ class Builder:
                       [(0, MEMORY_END)], 1 << 40, st)], {"chaos": True}
 
 
-CASES = [name[5:] for name in dir(Builder) if name.startswith("case_")]
+class PackedBuilder(Builder):
+    """The cases on a packed ring: the split ones that mean the same there, and packed tricks in
+    place of those about next links and the avail index."""
+
+    SPLIT_ONLY = {"loop", "next_out_of_range", "head_out_of_range", "avail_jump", "indirect_loop"}
+
+    def direct(self, segments, flags_override=None, nexts=None, buffer_id=None) -> int:
+        ids = self.ring.take(len(segments), buffer_id)
+        for k, (gpa, length, writable) in enumerate(segments):
+            last = k == len(segments) - 1
+            flags = (F_WRITE if writable else 0) | (0 if last else F_NEXT)
+            if flags_override is not None and k in flags_override:
+                flags = flags_override[k]
+            self.ring.desc(ids[k], gpa, length, flags)
+        return self.ring.chain_id(ids[0])
+
+    def case_chain_too_long(self):
+        """NEXT on every descriptor of the ring: a chain longer than the ring."""
+        hdr = self.header(T_IN, 0)
+        positions = self.ring.take(QUEUE_SIZE)
+        for pos in positions:
+            self.ring.desc(pos, hdr, 16, F_NEXT)
+        return [Chain("chain_too_long", self.ring.chain_id(positions[0]), "broken")], {}
+
+    def case_id_out_of_range(self):
+        segs, st = self.valid_segments()
+        head = self.direct(segs, buffer_id=self.rng.randrange(QUEUE_SIZE, 0x10000))
+        return [self.chain("id_out_of_range", head, segs, "broken", st)], {}
+
+    def case_head_in_flight_twice(self):
+        """Two chains with one buffer id: both complete (the first finished before the second
+        was fetched) or the ring breaks."""
+        segs, st = self.valid_segments("read")
+        head = self.direct(segs)
+        self.direct(segs, buffer_id=head)
+        self.publish(head)
+        return [self.chain("head_in_flight_twice", head, segs, "any", st)], {"published": True}
+
+    def case_indirect_with_next(self):
+        segs, st = self.valid_segments()
+        table = self.write_table(segs)
+        first, second = self.ring.take(2)
+        self.ring.desc(first, table, 16 * len(segs), F_INDIRECT | F_NEXT)
+        self.ring.desc(second, st, 1, F_WRITE)
+        return [self.chain("indirect_with_next", self.ring.chain_id(first), segs, "error", st)], {}
+
+    def case_garbage_chain(self):
+        rng = self.rng
+        positions = self.ring.take(rng.randint(1, 6))
+        for pos in positions:
+            self.mem.write(DESC_GPA + 16 * (pos % QUEUE_SIZE), rng.randbytes(16))
+        bid = self.ring.chain_id(positions[0])
+        flags = rng.randrange(0x10000) & ~(F_AVAIL | F_USED) | self.ring.avail_bits(positions[0])
+        self.ring.heads.setdefault(bid, []).append((positions[0], flags))
+        return [Chain("garbage_chain", bid, "any_or_broken", [(0, MEMORY_END)], 1 << 40)], {"chaos": True}
+
+
+def _cases(builder: type[Builder]) -> list[str]:
+    skip = getattr(builder, "SPLIT_ONLY", set())
+    return [name[5:] for name in dir(builder) if name.startswith("case_") and name[5:] not in skip]
+
+
+CASES = _cases(Builder)
+PACKED_CASES = _cases(PackedBuilder)
 # How often each case is drawn: valid requests are a quarter of everything.
 WEIGHTS = {name: 1 for name in CASES}
 WEIGHTS.update(valid=8, write_then_read=2)
+PACKED_WEIGHTS = {name: 1 for name in PACKED_CASES}
+PACKED_WEIGHTS.update(valid=8, write_then_read=2)
 
 
 def _split(rng: random.Random, total: int, pieces: int) -> list[int]:
@@ -712,8 +927,11 @@ class Report:
 
 class Fuzzer:
     def __init__(self, path: str, good_path: str | None = None, seed: int = 0,
-                 scribble_inflight: bool = False, timeout_s: float = 2.0, good_every: int = 200) -> None:
-        self.session = Session(path, scribble_inflight)
+                 scribble_inflight: bool = False, timeout_s: float = 2.0, good_every: int = 200,
+                 packed: bool = False) -> None:
+        self.session = Session(path, scribble_inflight, packed)
+        self.builder_class = PackedBuilder if packed else Builder
+        self.weights = PACKED_WEIGHTS if packed else WEIGHTS
         self.good_path = good_path
         self.seed = seed
         self.timeout_s = timeout_s
@@ -784,16 +1002,18 @@ class Fuzzer:
         report.iterations += 1
         s = self.session
         s.ring.next_desc = 0            # the previous batch has drained: its descriptors are free
-        builder = Builder(rng, s)
-        names, weights = zip(*sorted(WEIGHTS.items()))
+        builder = self.builder_class(rng, s)
+        names, weights = zip(*sorted(self.weights.items()))
         count = rng.choice([1, 1, 2, 3, 5, 8])
         chains: list[Chain] = []
         chaos = False
         for _ in range(count):
             case = rng.choices(names, weights)[0]
+            mark = s.ring.checkpoint()
             try:
                 built, extra = builder.build(case)
             except OverflowError:
+                s.ring.rollback(mark)
                 break
             report.tried[case] += 1
             for c in built:
@@ -912,7 +1132,7 @@ class Fuzzer:
                     raise Finding("%s: read back other data than written" % c.case)
         # Guest memory: only writable buffers and the used ring may have changed (and the avail
         # ring, which we wrote ourselves after the snapshot).
-        allowed = _merge([USED_RING, AVAIL_RING] + [r for c in chains for r in c.writable])
+        allowed = _merge(s.ring.device_areas() + [r for c in chains for r in c.writable])
         bad = s.mem.changes_outside(before, allowed)
         if bad is not None:
             raise Finding("the device wrote guest memory at %#x, outside every writable buffer" % bad)
@@ -933,7 +1153,7 @@ class Fuzzer:
             s.connect()
         rng = random.Random(self.seed * 7919 + i)
         s.ring.next_desc = 0
-        builder = Builder(rng, s)
+        builder = self.builder_class(rng, s)
         chains, _ = builder.case_write_then_read()
         for c in chains:
             builder.publish(c.head)
@@ -964,18 +1184,25 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 # Targets
 # ---------------------------------------------------------------------------------------------
 class DaemonTarget:
-    """A vhostd process with two blk controllers (fuzz.0 and good.0) on malloc bdevs."""
+    """A vhostd process with two blk controllers (fuzz.0 and good.0) on malloc bdevs; packed: the
+    fuzzed one is fuzzp.0, created with packed_ring."""
 
-    def __init__(self) -> None:
+    def __init__(self, packed: bool = False) -> None:
         from vhostd.initiator.targets import VhostdTarget
 
         self.t = VhostdTarget("malloc", size_bytes=16 * MIB)
+        self.packed = packed
 
     def __enter__(self):
         self.t.start()
         self.t.rpc("bdev_malloc_create", {"name": "good0", "num_blocks": 8192, "block_size": 512})
         self.t.rpc("vhost_create_blk_controller", {"ctrlr": "good.0", "dev_name": "good0"})
         self.path = self.t.socket_path
+        if self.packed:
+            self.t.rpc("bdev_malloc_create", {"name": "fuzzp0", "num_blocks": 32768, "block_size": 512})
+            self.t.rpc("vhost_create_blk_controller", {"ctrlr": "fuzzp.0", "dev_name": "fuzzp0",
+                                                       "packed_ring": True})
+            self.path = str(self.t.workdir / "fuzzp.0")
         self.good_path = str(self.t.workdir / "good.0")
         return self
 
@@ -990,12 +1217,16 @@ class DaemonTarget:
 
 
 class InProcessTarget:
-    """Two in-process blk controllers (the data plane runs in this process: for ASAN)."""
+    """Two in-process blk controllers (the data plane runs in this process: for ASAN); packed: the
+    fuzzed one offers packed rings."""
+
+    def __init__(self, packed: bool = False) -> None:
+        self.packed = packed
 
     def __enter__(self):
         from vhostd.initiator.targets import InProcessVhostdTarget
 
-        self.fuzzed = InProcessVhostdTarget("malloc", size_bytes=16 * MIB).start()
+        self.fuzzed = InProcessVhostdTarget("malloc", size_bytes=16 * MIB, packed_ring=self.packed).start()
         self.good = InProcessVhostdTarget("malloc", size_bytes=4 * MIB).start()
         self.path, self.good_path = self.fuzzed.socket_path, self.good.socket_path
         return self
@@ -1012,9 +1243,10 @@ class InProcessTarget:
 
 
 def fuzz(path: str, good_path: str | None, iterations: int, seed: int, scribble_inflight: bool = False,
-         deadline_s: float | None = None, timeout_s: float = 2.0) -> Report:
-    """Run the guest fuzzer against a blk controller socket; returns the report."""
-    fuzzer = Fuzzer(path, good_path, seed, scribble_inflight, timeout_s)
+         deadline_s: float | None = None, timeout_s: float = 2.0, packed: bool = False) -> Report:
+    """Run the guest fuzzer against a blk controller socket (packed: on a packed ring; the
+    controller must offer it); returns the report."""
+    fuzzer = Fuzzer(path, good_path, seed, scribble_inflight, timeout_s, packed=packed)
     try:
         return fuzzer.run(iterations, deadline_s)
     finally:
@@ -1031,6 +1263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--good-socket", help="another controller of that vhostd, checked to keep serving")
     ap.add_argument("--scribble-inflight", action="store_true",
                     help="also rewrite the shared inflight region while requests run")
+    ap.add_argument("--packed", action="store_true",
+                    help="fuzz a packed virtqueue (the target controller is created with packed_ring)")
     ap.add_argument("--max-seconds", type=float, default=None)
     ap.add_argument("--timeout", type=float, default=2.0,
                     help="seconds a batch may take before it counts as hung (more under ASAN)")
@@ -1042,22 +1276,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.socket:
         for scribble in runs:
             reports.append(fuzz(args.socket, args.good_socket, iterations, args.seed, scribble, args.max_seconds,
-                                args.timeout))
+                                args.timeout, args.packed))
         alive, tail = True, ""
     else:
-        target = DaemonTarget() if args.target == "daemon" else InProcessTarget()
+        target = DaemonTarget(args.packed) if args.target == "daemon" else InProcessTarget(args.packed)
         with target as t:
             for scribble in runs:
                 try:
                     reports.append(fuzz(t.path, t.good_path, iterations, args.seed, scribble, args.max_seconds,
-                                        args.timeout))
+                                        args.timeout, args.packed))
                 except Exception as exc:
                     r = Report()
                     r.findings.append("fuzzer stopped: %r (daemon alive: %s)\n%s" % (exc, t.alive(), t.log_tail()))
                     reports.append(r)
             alive, tail = t.alive(), t.log_tail()
     for scribble, report in zip(runs, reports):
-        print("== guest fuzz, seed %d%s ==" % (args.seed, ", inflight scribbled" if scribble else ""))
+        print("== guest fuzz, seed %d%s%s ==" % (args.seed, ", packed ring" if args.packed else "",
+                                               ", inflight scribbled" if scribble else ""))
         print(report.summary())
     if not alive:
         print("FINDING: vhostd exited\n" + tail)

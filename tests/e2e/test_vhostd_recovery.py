@@ -1,5 +1,7 @@
 """vhostd dies or restarts under a writing guest: the guest carries on without an I/O error and every
-write it saw acknowledged and flushed is on disk (inflight tracking, QEMU reconnect=1)."""
+write it saw acknowledged and flushed is on disk (inflight tracking, QEMU reconnect=1), on split and
+on packed virtqueues (packed=on, a --packed-ring controller: the region gives back both ring
+positions, which QEMU cannot after a crash)."""
 
 from __future__ import annotations
 
@@ -24,24 +26,25 @@ PATTERN_BYTES = WRITERS.total_bytes
 OUTAGE_S = 0.5
 
 
-def write_config(path, image):
+def write_config(path, image, packed=False):
+    params = {"ctrlr": "vhost.0", "dev_name": "File0", **({"packed_ring": True} if packed else {})}
     path.write_text(json.dumps({"subsystems": [
         {"subsystem": "bdev", "config": [
             {"method": "bdev_aio_create", "params": {"name": "File0", "filename": str(image)}}]},
         {"subsystem": "vhost_blk", "config": [
-            {"method": "vhost_create_blk_controller", "params": {"ctrlr": "vhost.0", "dev_name": "File0"}}]}]}))
+            {"method": "vhost_create_blk_controller", "params": params}]}]}))
 
 
 @pytest.fixture
 def setup(socket_dir, tmp_path, sparse_file, started_daemons):
     image = sparse_file(DISK_MIB << 20)
     config = tmp_path / "config.json"
-    write_config(config, image)
     workdir = socket_dir / "d"
     workdir.mkdir()
     daemons = []
 
-    def start():
+    def start(packed=False):
+        write_config(config, image, packed)
         d = Daemon(workdir=str(workdir), config=str(config))
         daemons.append(d)
         started_daemons.append(d)
@@ -58,11 +61,16 @@ def bytes_written(d):
     return d.rpc("bdev_get_iostat")["bdevs"][0]["bytes_written"]
 
 
+@pytest.mark.parametrize("ring", ["split", "packed"])
 @pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
-def test_guest_survives_a_target_restart_mid_write(setup, boot_guest, guest_image, how):
+def test_guest_survives_a_target_restart_mid_write(setup, boot_guest, guest_image, how, ring):
     image, start = setup
-    d = start()
-    guest = boot_guest(devices=[VhostUserDevice("blk", d.socket_dir / "vhost.0", reconnect_s=1)])
+    packed = ring == "packed"
+    d = start(packed)
+    guest = boot_guest(devices=[VhostUserDevice("blk", d.socket_dir / "vhost.0", reconnect_s=1,
+                                                props={"packed": True} if packed else {})])
+    if packed:
+        assert d.rpc("vhost_get_queue_stats", name="vhost.0")["controllers"][0]["queues"][0]["packed"]
     WRITERS.start(guest)
     # Mid-write: the writers are under way and far from done.
     wait_for(lambda: bytes_written(d) >= 64 * REQUEST_BYTES, timeout=guest.scaled(60), interval=0.02)
@@ -74,7 +82,7 @@ def test_guest_survives_a_target_restart_mid_write(setup, boot_guest, guest_imag
     print(f"the target went away after {written_before >> 10} KiB of {PATTERN_BYTES >> 10} KiB")
     assert written_before < PATTERN_BYTES
     time.sleep(OUTAGE_S)
-    start()
+    start(packed)
     assert WRITERS.wait(guest) == [0] * WRITERS.count, WRITERS.logs(guest)
     assert io_errors_in_dmesg(guest) == ""
     guest.check("echo 3 > /proc/sys/vm/drop_caches")

@@ -124,7 +124,8 @@ def target():
     try:
         d.rpc("bdev_malloc_create", name="Fz0", num_blocks=8192, block_size=512)
         d.rpc("bdev_malloc_create", name="Fz1", num_blocks=8192, block_size=512)
-        d.rpc("vhost_create_blk_controller", ctrlr="hostile.0", dev_name="Fz0")
+        # Packed rings offered: cases and generated features may ask for them.
+        d.rpc("vhost_create_blk_controller", ctrlr="hostile.0", dev_name="Fz0", packed_ring=True)
         d.rpc("vhost_create_blk_controller", ctrlr="good.0", dev_name="Fz1")
         t = Target(d)
         t.check_serves()                # warm-up: lazily created state is part of the baseline
@@ -181,13 +182,14 @@ def map_guest(peer: HostilePeer, size: int = MEM) -> int:
 
 
 def ring(peer: HostilePeer, index: int = 0, size: int = 64, desc: int = 0x1000, avail: int = 0x2000,
-         used: int = 0x3000, uaddr_base: int = UADDR, enable: bool = True) -> int:
-    """Configure and start ring ``index``; returns its err eventfd (ours to close)."""
+         used: int = 0x3000, uaddr_base: int = UADDR, enable: bool = True, base: int = 0) -> int:
+    """Configure and start ring ``index`` (SET_VRING_BASE base); returns its err eventfd (ours to
+    close)."""
     err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     peer.request(Request.SET_VRING_ERR, p.encode_u64(index), [os.dup(err)])
     peer.request(Request.SET_VRING_CALL, p.encode_u64(index), [os.eventfd(0, os.EFD_CLOEXEC)])
     peer.request(Request.SET_VRING_NUM, p.VringState(index, size).encode())
-    peer.request(Request.SET_VRING_BASE, p.VringState(index, 0).encode())
+    peer.request(Request.SET_VRING_BASE, p.VringState(index, base).encode())
     peer.request(Request.SET_VRING_ADDR, p.VringAddr(index, 0, uaddr_base + desc, uaddr_base + used,
                                                      uaddr_base + avail).encode())
     peer.request(Request.SET_VRING_KICK, p.encode_u64(index), [os.eventfd(0, os.EFD_CLOEXEC)])
@@ -481,6 +483,43 @@ def c_disconnect_with_requests_in_flight(peer):
     os.close(mem)
 
 
+F_PACKED = F_RINGS | bit(VirtioFeature.RING_PACKED)
+
+
+def c_packed_ring_bases_out_of_range(peer):
+    """A packed base names a slot past the ring (avail or used part): the queue does not start
+    and says so on its error eventfd; a good base then starts it and comes back from GET_VRING_BASE."""
+    negotiate(peer, F_PACKED)
+    mem = map_guest(peer)
+    for base in (0x8000 | 64, 0x80008000 | 0x7FFF, (0x8000 | 100) << 16 | 0x8000):
+        err = ring(peer, size=64, base=base)
+        assert get_base(peer) == base
+        assert os.eventfd_read(err) >= 1, "the error eventfd was not signalled for base %#x" % base
+        os.close(err)
+    err = ring(peer, size=64, base=0x80058005)
+    assert get_base(peer) == 0x80058005
+    os.close(err)
+    os.close(mem)
+
+
+def c_packed_rings_over_random_memory(peer):
+    """Packed rings (with EVENT_IDX, several sizes and ring placements) over random guest memory,
+    kicked, then stopped: whatever the descriptors say, GET_VRING_BASE is answered."""
+    negotiate(peer, F_PACKED | bit(VirtioFeature.RING_EVENT_IDX))
+    mem = map_guest(peer)
+    guest = mmap.mmap(mem, MEM)
+    rng = random.Random(34)
+    guest[:] = rng.randbytes(MEM)
+    guest.close()
+    for size, desc, avail, used in ((64, 0x1000, 0x2000, 0x3000), (1024, 0x4000, MEM - 8, MEM - 4),
+                                    (16, 0x10000, 0x10000, 0x10000)):
+        err = ring(peer, size=size, desc=desc, avail=avail, used=used, base=0x80008000)
+        peer.request(Request.SET_VRING_KICK, p.encode_u64(0), [os.eventfd(1, os.EFD_CLOEXEC)])
+        get_base(peer)
+        os.close(err)
+    os.close(mem)
+
+
 def c_inflight_sizes_out_of_range(peer):
     negotiate(peer)
     for info in (p.InflightInfo(0, 0, 0, 64), p.InflightInfo(0, 0, 1, 0), p.InflightInfo(0, 0, 1, 65535)):
@@ -519,9 +558,10 @@ def c_inflight_replaced_again_and_again(peer):
         assert msg is not None and msg[0] == Request.GET_INFLIGHT_FD and len(msg[3]) == 1
         for fd in msg[3]:
             os.close(fd)
-        # vhostd seals an inflight fd it is given against resizing, so it must be sealable.
-        peer.request(Request.SET_INFLIGHT_FD, p.InflightInfo(8192, 0, 1, 64).encode(),
-                     [memfd(8192, sealable=True)], flags=NEED_REPLY)
+        # vhostd seals an inflight fd it is given against resizing, so it must be sealable; 16 KiB
+        # holds one queue of 64 in either layout (packed rings keep a copy of each chain).
+        peer.request(Request.SET_INFLIGHT_FD, p.InflightInfo(16384, 0, 1, 64).encode(),
+                     [memfd(16384, sealable=True)], flags=NEED_REPLY)
         assert peer.ack() == 0
 
 
@@ -632,7 +672,8 @@ ADDRESSES = st.one_of(
 U32S = st.one_of(st.sampled_from([0, 1, 2, 63, 64, 128, 255, 256, 1024, 0x8000, 0xFFFF, 0x10000,
                                   0xFFFFFFFF]), st.integers(0, (1 << 32) - 1))
 U64S = st.one_of(U32S, st.integers(0, (1 << 64) - 1),
-                 st.sampled_from([F_RINGS, F_RINGS | bit(VirtioFeature.RING_EVENT_IDX), PROTO, 1 << 63]))
+                 st.sampled_from([F_RINGS, F_RINGS | bit(VirtioFeature.RING_EVENT_IDX), PROTO, 1 << 63,
+                                  F_RINGS | bit(VirtioFeature.RING_PACKED)]))
 
 
 def _ua(offset: int) -> int:

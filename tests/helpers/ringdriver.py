@@ -13,6 +13,7 @@ from vhostd import _dataplane as dp
 
 UADDR_BASE = 0x7F0000000000
 DESC = struct.Struct("<QIHH")
+PACKED_DESC = struct.Struct("<QIHH")      # addr, len, id, flags
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 
 
@@ -129,6 +130,132 @@ class SplitRing:
         """A device-side VirtQueue configured on this ring."""
         q = dp.VirtQueue(index)
         q.configure(memory, self.size, *self.addresses(), last_avail, self.event_idx, True)
+        return q
+
+
+F_AVAIL, F_USED = 1 << 7, 1 << 15
+EVENT_ENABLE, EVENT_DISABLE, EVENT_DESC = 0, 1, 2
+
+
+class PackedRing:
+    """Driver side of one packed virtqueue in GuestRam (virtio 1.1 §2.8).
+
+    Positions are free-running counts of descriptor slots, as the device keeps them: the slot is
+    count % size and the wrap counter is 1 on even laps.  Buffer ids are handed out from a free
+    list, so completions may come back in any order."""
+
+    def __init__(self, ram, size=128, event_idx=False):
+        self.ram = ram
+        self.size = size
+        self.event_idx = event_idx
+        self.desc = ram.alloc(16 * size, 16)
+        self.driver_area = ram.alloc(4, 4)      # driver event suppression (we write it)
+        self.device_area = ram.alloc(4, 4)      # device event suppression (the device writes it)
+        self.avail_count = 0
+        self.used_count = 0
+        self.free = list(range(size))
+        self.chain_len = {}                     # buffer id → descriptor slots its chain took
+        self.free_slots = size
+        self.held = []                          # (position, flags) of heads not yet published
+
+    def addresses(self):
+        """(descriptor ring, driver area, device area) as front-end virtual addresses."""
+        return (UADDR_BASE + self.desc, UADDR_BASE + self.driver_area, UADDR_BASE + self.device_area)
+
+    def wrap(self, count):
+        return 1 if (count // self.size) % 2 == 0 else 0
+
+    def avail_flags(self, count):
+        """The AVAIL/USED bits that make the descriptor at position count available."""
+        return F_AVAIL if self.wrap(count) else F_USED
+
+    def write_desc(self, slot, addr, length, buffer_id, flags, table=None):
+        base = self.desc if table is None else table
+        self.ram.write(base + 16 * slot, PACKED_DESC.pack(addr, length, buffer_id, flags))
+
+    def add_chain(self, segments, hold=False):
+        """segments: [(gpa, length, writable)] → buffer id, made available (head flags last);
+        with hold, the head waits for publish_held()."""
+        last = len(segments) - 1
+        return self.add_raw(hold=hold, descriptors=[(gpa, length, (F_WRITE if writable else 0) | (0 if k == last else F_NEXT))
+                             for k, (gpa, length, writable) in enumerate(segments)])
+
+    def ram_flags(self, slot):
+        return PACKED_DESC.unpack(self.ram.read(self.desc + 16 * slot, 16))[3]
+
+    def publish_head(self, position, flags):
+        """Store the flags of the descriptor at position (the last write of a chain)."""
+        self.ram.write(self.desc + 16 * (position % self.size) + 14, struct.pack("<H", flags))
+
+    def add_indirect(self, segments):
+        """The same chain through one indirect table (one ring slot)."""
+        table = self.ram.alloc(16 * len(segments), 16)
+        for k, (gpa, length, writable) in enumerate(segments):
+            self.write_desc(k, gpa, length, 0, F_WRITE if writable else 0, table=table)
+        return self.add_raw([(table, 16 * len(segments), F_INDIRECT)])
+
+    def add_raw(self, descriptors, buffer_id=None, hold=False):
+        """Make descriptors [(addr, len, flags)] available as one chain, flags as given (NEXT
+        included) plus the avail bits; the last carries buffer_id (default: a free id).  With
+        hold the head's flags are stored by publish_held()."""
+        if buffer_id is None:
+            buffer_id = self.free.pop(0)
+        start = self.avail_count
+        for k, (addr, length, flags) in enumerate(descriptors):
+            if k:
+                self.write_desc((start + k) % self.size, addr, length, buffer_id,
+                                flags | self.avail_flags(start + k))
+        addr, length, flags = descriptors[0]
+        self.write_desc(start % self.size, addr, length, buffer_id, self.ram_flags(start % self.size))
+        self.chain_len[buffer_id] = len(descriptors)
+        self.free_slots -= len(descriptors)
+        self.avail_count = (start + len(descriptors)) & 0xFFFF
+        self.held.append((start, flags | self.avail_flags(start)))
+        if not hold:
+            self.publish_held()
+        return buffer_id
+
+    def publish_held(self):
+        """Store the held heads' flags, the last chain's first: the device sees them all at once."""
+        for start, flags in reversed(self.held):
+            self.publish_head(start, flags)
+        self.held = []
+
+    def pop_used(self):
+        """[(id, len)] of descriptors used since the last call; their ids become free again."""
+        out = []
+        while True:
+            slot = self.used_count % self.size
+            _, length, buffer_id, flags = PACKED_DESC.unpack(self.ram.read(self.desc + 16 * slot, 16))
+            wrap = self.wrap(self.used_count)
+            if bool(flags & F_AVAIL) != bool(wrap) or bool(flags & F_USED) != bool(wrap):
+                return out
+            out.append((buffer_id, length))
+            n = self.chain_len.pop(buffer_id, 1)
+            self.used_count = (self.used_count + n) & 0xFFFF
+            self.free_slots += n
+            self.free.append(buffer_id)
+
+    def set_driver_event(self, flags, off_wrap=0):
+        """Tell the device when to interrupt: ENABLE, DISABLE, or DESC at off_wrap."""
+        self.ram.write(self.driver_area, struct.pack("<HH", off_wrap, flags))
+
+    def device_event(self):
+        """(off_wrap, flags) the device asks kicks with."""
+        return struct.unpack("<HH", self.ram.read(self.device_area, 4))
+
+    def off_wrap(self, count):
+        return (count % self.size) | (self.wrap(count) << 15)
+
+    def base(self):
+        """SET_VRING_BASE's value for the current positions (avail, used)."""
+        return self.off_wrap(self.avail_count) | self.off_wrap(self.used_count) << 16
+
+    def queue(self, index=0, memory=None, last_avail=None):
+        """A device-side VirtQueue configured on this ring."""
+        q = dp.VirtQueue(index)
+        q.configure(memory, self.size, *self.addresses(), self.base() if last_avail is None else last_avail,
+                    self.event_idx, True, packed=True)
         return q
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from vhostd import _dataplane as dp
-from tests.helpers.ringdriver import DISK_KINDS, make_disk, GuestRam, SplitRing
+from tests.helpers.ringdriver import DISK_KINDS, make_disk, GuestRam, PackedRing, SplitRing
 from tests.helpers.waiting import wait_for
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
@@ -17,9 +17,9 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 class Rig:
     """One blk queue on one reactor, with a driver to post requests."""
 
-    def __init__(self, disk, readonly=False, event_idx=False, idle_sleep_us=200.0):
+    def __init__(self, disk, readonly=False, event_idx=False, idle_sleep_us=200.0, packed=False):
         self.ram = GuestRam()
-        self.ring = SplitRing(self.ram, 256, event_idx)
+        self.ring = (PackedRing if packed else SplitRing)(self.ram, 256, event_idx)
         self.memory = self.ram.memory()
         self.disk = disk
         self.device = dp.BlkDevice(disk, readonly, b"vhostd-test-serial", 65536, 65536)

@@ -337,3 +337,38 @@ def test_set_backend_req_fd_without_an_fd_breaks_the_session():
     with pytest.raises(p.ProtocolError):
         session.receive(message(Request.SET_BACKEND_REQ_FD))
     assert session.broken
+
+
+class PackedDevice(FakeDevice):
+    features = FakeDevice.features | bit(VirtioFeature.RING_PACKED)
+
+
+def test_packed_ring_base_carries_both_positions_and_wrap_counters():
+    """With RING_PACKED the base is 32 bits: avail position | wrap << 15, used ones above."""
+    session = s.Session(PackedDevice())
+    session.receive(message(Request.SET_PROTOCOL_FEATURES, p.encode_u64(bit(ProtocolFeature.REPLY_ACK))))
+    session.receive(message(Request.SET_FEATURES, p.encode_u64(PackedDevice.features)))
+    base = 0x0005 << 16 | 0x8009            # used: slot 5, wrap 0; avail: slot 9, wrap 1
+    effects = session.receive(message(Request.SET_VRING_BASE, p.VringState(1, base).encode(), need_reply=True))
+    assert effects == [s.Reply(Request.SET_VRING_BASE, p.encode_u64(0))]
+    (reply,) = session.receive(message(Request.GET_VRING_BASE, p.VringState(1, 0).encode()))
+    assert reply == s.Reply(Request.GET_VRING_BASE, p.VringState(1, base).encode())
+
+
+def test_split_ring_base_above_16_bits_is_refused(session):
+    session.receive(message(Request.SET_PROTOCOL_FEATURES, p.encode_u64(bit(ProtocolFeature.REPLY_ACK))))
+    session.receive(message(Request.SET_FEATURES, p.encode_u64(FakeDevice.features)))
+    effects = session.receive(message(Request.SET_VRING_BASE, p.VringState(0, 0x80008000).encode(),
+                                      need_reply=True))
+    assert effects == [s.Reply(Request.SET_VRING_BASE, p.encode_u64(1))]
+
+
+def test_blk_offers_packed_rings_only_when_created_with_packed_ring_and_scsi_always():
+    from types import SimpleNamespace
+    from vhostd.vhost.blk import BlkSessionDevice
+    from vhostd.vhost.scsi import ScsiSessionDevice
+    packed = bit(VirtioFeature.RING_PACKED)
+    for asked in (False, True):
+        blk = BlkSessionDevice(SimpleNamespace(name="b", readonly=False, packed_ring=asked))
+        assert bool(blk.features & packed) is asked
+    assert ScsiSessionDevice(SimpleNamespace(name="s")).features & packed

@@ -56,6 +56,7 @@ class Workload:
     memory_regions: int = 1
     hugepages: bool = False          # guest memory of 2 MiB hugepages (QEMU's hugetlb=on)
     event_idx: bool = True
+    packed: bool = False             # packed virtqueues (VIRTIO_F_RING_PACKED) instead of split
     indirect: bool = True
     indirect_mode: str = "auto"
     timeout_s: float = 5.0           # connecting, and each control-path reply
@@ -189,7 +190,7 @@ class Device:
         self.kind = kind
         options = dict(num_queues=workload.queues, queue_size=workload.queue_size,
                        memory_regions=workload.memory_regions, hugepages=workload.hugepages,
-                       event_idx=workload.event_idx,
+                       event_idx=workload.event_idx, packed=workload.packed,
                        indirect=workload.indirect, timeout_s=workload.timeout_s,
                        memory_bytes=self._memory_bytes(workload))
         if kind == "blk":
@@ -405,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "auto: on when an spdk-* target is measured (SPDK's vhost needs it), for "
                          "every target of the run")
     ap.add_argument("--no-event-idx", action="store_true")
+    ap.add_argument("--ring", choices=("split", "packed"), default="split",
+                    help="virtqueue layout; packed: started vhostd targets offer it (--packed-ring)")
     ap.add_argument("--no-indirect", action="store_true")
     ap.add_argument("--indirect", choices=("never", "auto", "always"), default="auto",
                     help="when chains go through an indirect table (if negotiated)")
@@ -432,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                         client_cpus=parse_cpus(args.client_cpus), threads=args.threads,
                         span_bytes=args.span, memory_regions=args.memory_regions,
                         hugepages=wants_hugepages(args),
-                        event_idx=not args.no_event_idx, indirect=not args.no_indirect,
+                        event_idx=not args.no_event_idx, packed=args.ring == "packed",
+                        indirect=not args.no_indirect,
                         indirect_mode=args.indirect, timeout_s=args.timeout)
     progress = None if args.quiet or args.json or not sys.stderr.isatty() else \
         (lambda text: (sys.stderr.write(text), sys.stderr.flush()))
@@ -459,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             for spec in rotated(specs, round_index):
                 target = make_target(spec, cpus=parse_cpus(args.target_cpus),
                                      size_bytes=args.size, num_queues=args.queues, image=args.image,
-                                     direct=args.file_cache == "direct", spdk=args.spdk, rbd=rbd)
+                                     direct=args.file_cache == "direct", spdk=args.spdk, rbd=rbd,
+                                     packed_ring=args.ring == "packed")
                 labels[spec] = target.label
                 try:
                     with target:
@@ -485,10 +490,10 @@ def main(argv: list[str] | None = None) -> int:
                           "summary": [asdict(t) for t in summaries], "failures": failures}, indent=2))
     else:
         w = workload
-        print("%s bs=%d qd=%d queues=%d mode=%s time=%.0fs client-cpus=%s memory=%s" % (
+        print("%s bs=%d qd=%d queues=%d mode=%s time=%.0fs client-cpus=%s memory=%s ring=%s" % (
             w.rw if w.rw != "randrw" else "randrw(%d%% read)" % w.rwmixread, w.block_bytes, w.qd,
             w.queues, args.mode, w.duration_s, args.client_cpus or "any",
-            "hugepages" if w.hugepages else "4k-pages"))
+            "hugepages" if w.hugepages else "4k-pages", args.ring))
         print(format_table(results))
         if summaries:
             print()

@@ -84,7 +84,8 @@ class Frontend:
                  memory: dp.DriverMemory | None = None, memory_bytes: int = 64 << 20,
                  memory_regions: int = 1, hugepages: bool = False, bounce_bytes: int = 0,
                  slots: int = 0, use_mem_slots: bool = False,
-                 ack_all: bool = False, call_fds: bool = True, timeout_s: float = 5.0) -> None:
+                 ack_all: bool = False, call_fds: bool = True, timeout_s: float = 5.0,
+                 packed: bool = False) -> None:
         if not 1 <= num_queues <= MAX_VQS:
             raise ValueError("between 1 and %d virtqueues" % MAX_VQS)
         self.path = str(path)
@@ -94,6 +95,9 @@ class Frontend:
             self.wanted_features &= ~bit(VirtioFeature.RING_EVENT_IDX)
         if not indirect:
             self.wanted_features &= ~bit(VirtioFeature.RING_INDIRECT_DESC)
+        self.packed = packed            # packed virtqueues: the back-end must offer RING_PACKED
+        if packed:
+            self.wanted_features |= bit(VirtioFeature.RING_PACKED)
         self.wanted_protocol = protocol_features & PROTOCOL_FEATURES
         self.device = device
         self.use_mem_slots = use_mem_slots
@@ -103,7 +107,7 @@ class Frontend:
         self.vqs: list[Vq] = []
         for index in range(num_queues):
             queue = dp.DriverQueue(self.memory, index, queue_size, device=device,
-                                   bounce_bytes=bounce_bytes, nslots=slots)
+                                   bounce_bytes=bounce_bytes, nslots=slots, packed=packed)
             kick, call, err = _eventfd(), (_eventfd() if call_fds else -1), _eventfd()
             queue.set_fds(kick, call)
             self.vqs.append(Vq(queue, kick, call, err))
@@ -171,6 +175,8 @@ class Frontend:
         if again != self.offered_features:
             raise BadReply("GET_FEATURES changed from %#x to %#x" % (self.offered_features, again))
         self.features = self.offered_features & self.wanted_features
+        if self.packed and not self.has_feature(VirtioFeature.RING_PACKED):
+            raise FrontendError("%s does not offer packed virtqueues" % self.path)
         for vq in self.vqs:
             vq.queue.configure(event_idx=self.has_feature(VirtioFeature.RING_EVENT_IDX),
                                indirect=self.has_feature(VirtioFeature.RING_INDIRECT_DESC))
@@ -228,7 +234,7 @@ class Frontend:
         self._send_memory()
         for vq in self.vqs:
             q = vq.queue
-            base = vq.base if vq.base is not None else q.used_idx
+            base = vq.base if vq.base is not None else (q.packed_base if self.packed else q.used_idx)
             self._request(Request.SET_VRING_NUM, p.VringState(q.index, q.size).encode())
             self._request(Request.SET_VRING_BASE, p.VringState(q.index, base).encode())
             desc, used, avail = q.addresses()

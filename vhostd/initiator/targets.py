@@ -298,12 +298,13 @@ class VhostdTarget(_Process):
     def __init__(self, bdev: str = "null", *, kind: str = "blk", image: str | None = None,
                  size_bytes: int = 1 << 30, block_size: int = 512, cpus=(0,),
                  workdir: str | None = None, extra_args: list[str] | None = None,
-                 rbd: RbdSource | None = None) -> None:
+                 rbd: RbdSource | None = None, packed_ring: bool = False) -> None:
         if bdev not in ("null", "malloc", "file", "rbd") or kind not in ("blk", "scsi"):
             raise ValueError("bdev is null, malloc, file or rbd; kind is blk or scsi")
         if bdev == "rbd" and rbd is None:
             raise ValueError("an rbd bdev needs an RbdSource")
         self.label = "vhostd-%s-%s" % (kind, bdev)
+        self.packed_ring = packed_ring      # blk: created with packed_ring (scsi always offers it)
         super().__init__(workdir)
         self.bdev = bdev
         self.kind = kind
@@ -330,7 +331,8 @@ class VhostdTarget(_Process):
         self._wait_until(lambda: os.path.exists(self.rpc_path), timeout_s, "waiting for the RPC socket")
         self._create_bdev()
         if self.kind == "blk":
-            self.rpc("vhost_create_blk_controller", {"ctrlr": self.ctrlr, "dev_name": "disk0"})
+            self.rpc("vhost_create_blk_controller", {"ctrlr": self.ctrlr, "dev_name": "disk0",
+                                                     **({"packed_ring": True} if self.packed_ring else {})})
         else:
             self.rpc("vhost_create_scsi_controller", {"ctrlr": self.ctrlr})
             self.rpc("vhost_scsi_controller_add_target",
@@ -486,10 +488,12 @@ class InProcessVhostdTarget(_Target):
     reactor threads."""
 
     def __init__(self, bdev: str = "null", *, disk=None, cpus=(0,), size_bytes: int = 1 << 30,
-                 block_size: int = 512, workdir: str | None = None, kind: str = "blk") -> None:
+                 block_size: int = 512, workdir: str | None = None, kind: str = "blk",
+                 packed_ring: bool = False) -> None:
         if bdev not in ("null", "malloc") or kind not in ("blk", "scsi"):
             raise ValueError("in-process vhostd serves a null or malloc disk through blk or scsi")
         self.kind = kind
+        self.packed_ring = packed_ring      # blk: offer packed virtqueues (scsi always does)
         self.label = "vhostd-inproc-%s%s" % ("scsi-" if kind == "scsi" else "", bdev)
         blocks = size_bytes // block_size
         if disk is None:
@@ -515,7 +519,8 @@ class InProcessVhostdTarget(_Target):
                 self.controller = ScsiController(self.ctrlr, str(self.workdir), self.reactors, self.cpus)
                 await self.controller.add_target(0, bdev)
             else:
-                self.controller = BlkController(self.ctrlr, str(self.workdir), self.reactors, self.cpus, bdev)
+                self.controller = BlkController(self.ctrlr, str(self.workdir), self.reactors, self.cpus, bdev,
+                                                packed_ring=self.packed_ring)
             await self.controller.start()
 
         self._run(setup())
@@ -551,7 +556,7 @@ class InProcessVhostdTarget(_Target):
 
 def make_target(spec: str, *, cpus=None, size_bytes: int = 1 << 30, num_queues: int = 1,
                 image: str | None = None, direct: bool = True, workdir: str | None = None,
-                spdk: str | None = None, rbd: RbdSource | None = None):
+                spdk: str | None = None, rbd: RbdSource | None = None, packed_ring: bool = False):
     """A target from a short name: qsd-null, qsd-file, qsd-rbd, vhostd-null, vhostd-malloc,
     vhostd-file, vhostd-rbd,
     vhostd-scsi-null, vhostd-scsi-malloc, vhostd-scsi-file, vhostd-inproc-null,
@@ -570,9 +575,10 @@ def make_target(spec: str, *, cpus=None, size_bytes: int = 1 << 30, num_queues: 
                          image=image, direct=direct, workdir=workdir, rbd=rbd)
     if parts[:2] == ["vhostd", "inproc"] and len(parts) in (3, 4):
         return InProcessVhostdTarget(parts[-1], cpus=cpus or (0,), size_bytes=size_bytes, workdir=workdir,
-                                     kind="scsi" if len(parts) == 4 and parts[2] == "scsi" else "blk")
+                                     kind="scsi" if len(parts) == 4 and parts[2] == "scsi" else "blk",
+                                     packed_ring=packed_ring)
     if parts[0] == "vhostd" and len(parts) in (2, 3):
         kind = parts[1] if len(parts) == 3 else "blk"
         return VhostdTarget(parts[-1], kind=kind, cpus=cpus or (0,), size_bytes=size_bytes,
-                            image=image, workdir=workdir, rbd=rbd)
+                            image=image, workdir=workdir, rbd=rbd, packed_ring=packed_ring)
     raise ValueError("unknown target %r (qsd-null, qsd-file, vhostd-null, vhostd-scsi-malloc, spdk-null …)" % spec)

@@ -62,6 +62,8 @@ class BlkSessionDevice:
     @property
     def features(self) -> int:
         features = RING_FEATURES | BLK_FEATURES
+        if self.controller.packed_ring:
+            features |= 1 << VirtioFeature.RING_PACKED     # as SPDK: only when asked for
         if self.controller.readonly:
             features |= 1 << BlkFeature.RO
         return features
@@ -104,10 +106,12 @@ class BlkController(Controller):
     kind = "blk"
 
     def __init__(self, name: str, socket_dir: str, reactors: ReactorSet, cores: list[int],
-                 bdev, readonly: bool = False, transport: str = "vhost_user_blk", **kw) -> None:
+                 bdev, readonly: bool = False, transport: str = "vhost_user_blk",
+                 packed_ring: bool = False, **kw) -> None:
         super().__init__(name, socket_dir, reactors, cores, **kw)
         self.bdev = bdev
         self.readonly = readonly
+        self.packed_ring = packed_ring
         self.transport = transport
         disk = bdev.disk
         self.device = dp.BlkDevice(disk, readonly, bdev.name.encode()[:20],

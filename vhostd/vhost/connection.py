@@ -35,8 +35,10 @@ INFLIGHT_QUEUE_ALIGN = 64
 
 
 def inflight_queue_bytes(queue_size: int) -> int:
-    """Bytes of one queue's inflight-tracking region: 16-byte header + 16 per descriptor."""
-    return (16 + 16 * queue_size + INFLIGHT_QUEUE_ALIGN - 1) // INFLIGHT_QUEUE_ALIGN * INFLIGHT_QUEUE_ALIGN
+    """Bytes of one queue's inflight-tracking region (room for a split or a packed queue's
+    layout, dp.inflight_queue_bytes), aligned."""
+    need = dp.inflight_queue_bytes(queue_size)
+    return (need + INFLIGHT_QUEUE_ALIGN - 1) // INFLIGHT_QUEUE_ALIGN * INFLIGHT_QUEUE_ALIGN
 
 
 def _close(fd: int | None) -> None:
@@ -332,9 +334,12 @@ class Connection:
         try:
             if self.memory is None:
                 raise ValueError("no memory table")
+            packed = self.session.negotiated(VirtioFeature.RING_PACKED)
             queue.configure(self.memory, vring.size, vring.desc, vring.avail, vring.used, vring.base,
                             self.session.negotiated(VirtioFeature.RING_EVENT_IDX),
-                            self.session.negotiated(VirtioFeature.RING_INDIRECT_DESC))
+                            self.session.negotiated(VirtioFeature.RING_INDIRECT_DESC), packed=packed)
+            if packed and index == 0:
+                log.log(25, "%s: packed virtqueues", self.name)
             if self.inflight_map is not None and index < self.inflight_queues:
                 resubmitted = queue.set_inflight(self.inflight_map,
                                                  self.inflight_base + index * self.inflight_stride)
@@ -362,7 +367,7 @@ class Connection:
         await self.controller.reactors.wait(reactor, reactor.post_remove_queue(queue))
         reactor.forget_queue(queue)
         self.device.detach_queue(index, queue, reactor)
-        return self.session.queue_stopped(index, queue.last_avail_idx)
+        return self.session.queue_stopped(index, queue.vring_base)
 
     async def _update_fds(self, effect: s.UpdateQueueFds) -> None:
         vring = self.session.vrings[effect.index]
@@ -375,7 +380,8 @@ class Connection:
             _close(fd)
 
     def queue_stats(self) -> list[dict]:
-        return [dict(queue=i, lcore=r.lcore, **q.stats()) for i, (q, r) in sorted(self.queues.items())]
+        return [dict(queue=i, lcore=r.lcore, packed=q.packed, **q.stats())
+                for i, (q, r) in sorted(self.queues.items())]
 
     @property
     def inflight_task_count(self) -> int:

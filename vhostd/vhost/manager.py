@@ -82,14 +82,12 @@ class VhostManager:
         check_controller_name(name, self.socket_dir)
         if name in self.controllers:
             raise AlreadyExists("controller %r exists" % name)
-        if packed_ring:
-            raise NotSupported("packed virtqueues are not supported")
         transport = (transport or "vhost_user_blk").lower()
         if transport != "vhost_user_blk":
             raise InvalidArgument("unknown virtio-blk transport %r" % transport)
         bdev = self.find_bdev(bdev_name)
         controller = BlkController(name, self.socket_dir, self.reactors, self._cores_for(cores),
-                                   bdev, readonly=readonly, transport=transport,
+                                   bdev, readonly=readonly, transport=transport, packed_ring=packed_ring,
                                    socket_mode=self.socket_mode, socket_group=self.socket_group)
         await controller.start()
         self._register(controller)

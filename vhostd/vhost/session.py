@@ -200,7 +200,7 @@ class Vring:
     desc: int = 0
     avail: int = 0
     used: int = 0
-    base: int = 0                 # next avail index (SET_VRING_BASE, or where we stopped)
+    base: int = 0                 # SET_VRING_BASE's value, or where we stopped (VirtQueue.vring_base)
     kick_fd: int | None = None
     call_fd: int | None = None
     err_fd: int | None = None
@@ -299,16 +299,17 @@ class Session:
             msg.close_fds()
             raise
 
-    def queue_stopped(self, index: int, last_avail_idx: int) -> list[Effect]:
-        """The connection has taken queue ``index`` back from its reactor."""
+    def queue_stopped(self, index: int, base: int) -> list[Effect]:
+        """The connection has taken queue ``index`` back from its reactor, which stopped at base
+        (VirtQueue.vring_base: the next avail index, or a packed ring's positions)."""
         vring = self.vrings[index]
         vring.running = False
         vring.stopping = False
-        vring.base = last_avail_idx
+        vring.base = base
         effects: list[Effect] = []
         if vring.reply_base_on_stop:
             vring.reply_base_on_stop = False
-            effects.append(Reply(Request.GET_VRING_BASE, p.VringState(index, last_avail_idx).encode()))
+            effects.append(Reply(Request.GET_VRING_BASE, p.VringState(index, base).encode()))
         return effects
 
     def queue_started(self, index: int) -> None:
@@ -521,7 +522,8 @@ class Session:
             return self._refuse(msg, "queue %d does not exist" % msg.body.index)
         if vring.running:
             return self._refuse(msg, "queue %d is running" % vring.index)
-        if num > 0xFFFF:
+        # Packed rings: the avail position and wrap counter in bits 0-15, the used ones in 16-31.
+        if num > 0xFFFF and not self.negotiated(VirtioFeature.RING_PACKED):
             return self._refuse(msg, "split-ring base %#x does not fit 16 bits" % num)
         vring.base = num
         return self._ack(msg)

@@ -20,7 +20,8 @@ def _cores(app, text: str | None) -> list[int] | None:
 @rpc_method("vhost_create_blk_controller", result=bool, params=P.VhostCreateBlkController,
             aliases=("construct_vhost_blk_controller",), decode_error=VHOST_DECODE, map_error=vhost_error)
 async def vhost_create_blk_controller(app, p: P.VhostCreateBlkController):
-    """A vhost-user-blk controller at SOCKET_DIR/<ctrlr> serving bdev dev_name."""
+    """A vhost-user-blk controller at SOCKET_DIR/<ctrlr> serving bdev dev_name; packed_ring
+    also offers packed virtqueues (VIRTIO_F_RING_PACKED; off by default, as SPDK)."""
     await app.vhost.create_blk(p.ctrlr, p.dev_name, _cores(app, p.cpumask), p.readonly, p.packed_ring,
                                p.transport)
     return True
@@ -113,7 +114,8 @@ def _blk_config(app) -> list:
             continue             # its bdev was hot-removed: nothing to recreate it from (as SPDK)
         entries.append({"method": "vhost_create_blk_controller", "params": {
             "ctrlr": c.name, "dev_name": c.bdev.name,
-            "cpumask": c.cpumask()[2:], "readonly": c.readonly, "transport": c.transport}})
+            "cpumask": c.cpumask()[2:], "readonly": c.readonly, "transport": c.transport,
+            **({"packed_ring": True} if c.packed_ring else {})}})
         entries.extend(_coalescing_entry(c))
     return entries
 
