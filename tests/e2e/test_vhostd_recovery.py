@@ -79,6 +79,16 @@ def wait_writers(guest, timeout_s=240):
     return writer_codes(guest)
 
 
+def check_writers_finished_cleanly(guest):
+    """The writers all ended with status 0, the guest logged no I/O error, and the disk holds
+    their pattern (read cold, O_DIRECT)."""
+    assert wait_writers(guest) == [0] * WRITERS, guest.check("cat /tmp/w*.log")
+    errors = guest.run("dmesg | grep -iE 'I/O error|blk_update_request|critical' ")[1]
+    assert errors == "", errors
+    guest.check("echo 3 > /proc/sys/vm/drop_caches")
+    guest.check_pattern("/dev/vda", SEED, 0, PATTERN_BYTES, direct=True)
+
+
 def bytes_written(d):
     return d.rpc("bdev_get_iostat")["bdevs"][0]["bytes_written"]
 
@@ -100,11 +110,7 @@ def test_guest_survives_a_target_restart_mid_write(setup, boot_guest, guest_imag
     assert written_before < PATTERN_BYTES
     time.sleep(OUTAGE_S)
     start()
-    assert wait_writers(guest) == [0] * WRITERS, guest.check("cat /tmp/w*.log")
-    errors = guest.run("dmesg | grep -iE 'I/O error|blk_update_request|critical' ")[1]
-    assert errors == "", errors
-    guest.check("echo 3 > /proc/sys/vm/drop_caches")
-    guest.check_pattern("/dev/vda", SEED, 0, PATTERN_BYTES, direct=True)
+    check_writers_finished_cleanly(guest)
     assert guest.poweroff() == 0
     guest_image.patterns.check_file(image, SEED, 0, PATTERN_BYTES)
     guest_image.patterns.check_file(image, "zero", PATTERN_BYTES, (DISK_MIB << 20) - PATTERN_BYTES)

@@ -308,7 +308,7 @@ class Connection:
         await self._update_logging()
         if old is not None:
             old.close()
-        log.info("%s: dirty log of %d bytes mapped (guest pages up to %d MiB)", self.name,
+        log.log(25, "%s: dirty log of %d bytes mapped (guest pages up to %d MiB)", self.name,
                  effect.size_bytes, effect.size_bytes * 8 * 4096 >> 20)
 
     def _stage_log(self, index: int, queue: dp.VirtQueue) -> None:

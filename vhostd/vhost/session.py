@@ -436,7 +436,7 @@ class Session:
             # Migration starts or ends: the queues keep running and only start or stop marking
             # pages, before the reply (QEMU counts on the log from then on).
             self.acked_features = value
-            log.info("%s: dirty logging %s", self.device.name, "on" if self.logging else "off")
+            log.log(25, "%s: dirty logging %s", self.device.name, "on" if self.logging else "off")
             return [UpdateLogging()] + self._ack(msg)
         self.acked_features = value
         if not value & bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES):
