@@ -1,6 +1,7 @@
-"""Live migration of a vhost-user-blk guest between two QEMU 7.2 processes on this host, each on
-its own blk controller of one vhostd over the same bdev (blk controllers share a bdev; nothing
-claims it).  Writers in flight during the migration finish on the destination with no I/O error
+"""Live migration of a vhost-user-blk or vhost-user-scsi guest between two QEMU 7.2 processes on
+this host, each on its own controller of one vhostd over the same backing file: blk controllers
+share one bdev (nothing claims it); a SCSI target claims its bdev, so the destination's target is a
+second file bdev on the same file.  Writers in flight during the migration finish on the destination with no I/O error
 and their pattern is in the backing file.  A guest process that read a pattern into its memory
 with O_DIRECT while the migration iterated holds the right bytes on the destination: the device
 wrote those pages after the first pass had sent them, so only the dirty log brings them over (a
@@ -39,8 +40,8 @@ MIGRATION_WRITE_MBYTES_PER_S = 2
 IN_FLIGHT = re.compile(r"queue (\d+) stops under dirty logging with (\d+) requests in flight")
 
 
-def hold_command(seed, offset, length):
-    return f"{PATTERN_TOOL_IN_GUEST} hold {seed} /dev/vda {offset} {length} {HOLD_DIR}"
+def hold_command(disk, seed, offset, length):
+    return f"{PATTERN_TOOL_IN_GUEST} hold {seed} {disk} {offset} {length} {HOLD_DIR}"
 
 
 def wait_migration(source: Guest, timeout_s: float, done) -> dict:
@@ -60,21 +61,35 @@ def wait_migration(source: Guest, timeout_s: float, done) -> dict:
     return state
 
 
-def test_a_writing_and_reading_guest_migrates_between_two_controllers_of_one_bdev(
-        vhostd, boot_guest, guest_image, sparse_file, socket_dir, tmp_path):
+def controllers(d, kind, image):
+    """The source's and the destination's controller on the same backing file; the guest's disk."""
+    d.spdk("bdev_aio_create", str(image), "File0")
+    if kind == "blk":
+        d.spdk("vhost_create_blk_controller", "vhost.src", "File0")
+        d.spdk("vhost_create_blk_controller", "vhost.dst", "File0")
+        return "/dev/vda"
+    d.spdk("bdev_aio_create", str(image), "File1")
+    for name, bdev in (("vhost.src", "File0"), ("vhost.dst", "File1")):
+        d.spdk("vhost_create_scsi_controller", name)
+        d.spdk("vhost_scsi_controller_add_target", name, "0", bdev)
+    return "/dev/sda"
+
+
+@pytest.mark.parametrize("kind", ["blk", "scsi"])
+def test_a_writing_and_reading_guest_migrates_between_two_controllers_on_one_file(
+        vhostd, boot_guest, guest_image, sparse_file, socket_dir, tmp_path, kind):
     image = sparse_file(DISK_MIB << 20)
     d = vhostd()
-    d.spdk("bdev_aio_create", str(image), "File0")
-    d.spdk("vhost_create_blk_controller", "vhost.src", "File0")
-    d.spdk("vhost_create_blk_controller", "vhost.dst", "File0")
-    source = boot_guest(devices=[VhostUserDevice("blk", d.socket_dir / "vhost.src")])
-    source.write_pattern("/dev/vda", READ_SEED, READ_OFFSET, READ_BYTES, direct=True, chunk_bytes=MIB)
-    source.check(f"mkdir -p {HOLD_DIR}; ({hold_command(READ_SEED, READ_OFFSET, READ_BYTES)};"
+    disk = controllers(d, kind, image)
+    source = boot_guest(devices=[VhostUserDevice(kind, d.socket_dir / "vhost.src")])
+    source.wait_for_path(disk)
+    source.write_pattern(disk, READ_SEED, READ_OFFSET, READ_BYTES, direct=True, chunk_bytes=MIB)
+    source.check(f"mkdir -p {HOLD_DIR}; ({hold_command(disk, READ_SEED, READ_OFFSET, READ_BYTES)};"
                  f" echo $? > /tmp/hold.rc) > /tmp/hold.log 2>&1 & true")
     source.wait_for_path(f"{HOLD_DIR}/ready")
 
     uri = f"unix:{socket_dir / 'migrate.sock'}"
-    destination = Guest(guest_image, devices=[VhostUserDevice("blk", d.socket_dir / "vhost.dst")],
+    destination = Guest(guest_image, devices=[VhostUserDevice(kind, d.socket_dir / "vhost.dst")],
                         workdir=tmp_path / "destination", incoming=uri)
     print(f"destination QEMU: {destination.command_line_str}")
     try:
@@ -86,7 +101,7 @@ def test_a_writing_and_reading_guest_migrates_between_two_controllers_of_one_bde
         # are in flight when the source's queue stops (the stop, and GET_VRING_BASE, wait for them).
         d.rpc("bdev_set_qos_limit", name="File0", w_mbytes_per_sec=MIGRATION_WRITE_MBYTES_PER_S)
         before_writers = bytes_written(d)
-        start_writers(source)
+        start_writers(source, disk)
         wait_for(lambda: bytes_written(d) - before_writers >= 32 * REQUEST_BYTES, timeout=source.scaled(60),
                  interval=0.02)
         written_before = bytes_written(d) - before_writers
@@ -121,7 +136,7 @@ def test_a_writing_and_reading_guest_migrates_between_two_controllers_of_one_bde
         destination.wait_for_path("/tmp/hold.rc", timeout_s=120)
         held = destination.check("cat /tmp/hold.log /tmp/hold.rc")
         assert held.split() == ["ok", str(READ_BYTES), "0"], held
-        check_writers_finished_cleanly(destination)
+        check_writers_finished_cleanly(destination, disk)
         assert destination.poweroff() == 0
     finally:
         destination.close()

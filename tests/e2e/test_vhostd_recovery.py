@@ -54,12 +54,12 @@ def setup(socket_dir, tmp_path, sparse_file, started_daemons):
         d.cleanup()
 
 
-def start_writers(guest):
+def start_writers(guest, disk="/dev/vda"):
     """Four background writers of 12 MiB each (O_DIRECT, fsync at the end), so several requests
     are in flight — and complete out of order — when the target goes away. Each leaves its exit
     status in /tmp/rc<i>."""
     jobs = "".join(
-        f"({pattern_command('write', SEED, '/dev/vda', i * SLICE_BYTES, SLICE_BYTES, direct=True, sync=True, chunk_bytes=REQUEST_BYTES)};"
+        f"({pattern_command('write', SEED, disk, i * SLICE_BYTES, SLICE_BYTES, direct=True, sync=True, chunk_bytes=REQUEST_BYTES)};"
         f" echo $? > /tmp/rc{i}) > /tmp/w{i}.log 2>&1 & "
         for i in range(WRITERS))
     guest.check("rm -f /tmp/rc*; " + jobs + "true")
@@ -79,14 +79,14 @@ def wait_writers(guest, timeout_s=240):
     return writer_codes(guest)
 
 
-def check_writers_finished_cleanly(guest):
+def check_writers_finished_cleanly(guest, disk="/dev/vda"):
     """The writers all ended with status 0, the guest logged no I/O error, and the disk holds
     their pattern (read cold, O_DIRECT)."""
     assert wait_writers(guest) == [0] * WRITERS, guest.check("cat /tmp/w*.log")
     errors = guest.run("dmesg | grep -iE 'I/O error|blk_update_request|critical' ")[1]
     assert errors == "", errors
     guest.check("echo 3 > /proc/sys/vm/drop_caches")
-    guest.check_pattern("/dev/vda", SEED, 0, PATTERN_BYTES, direct=True)
+    guest.check_pattern(disk, SEED, 0, PATTERN_BYTES, direct=True)
 
 
 def bytes_written(d):

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from vhostd.vhost import blk, scsi
 from vhostd.vhost import protocol as p
 from vhostd.vhost import session as s
 from vhostd.vhost.features import ProtocolFeature, VirtioFeature, bit
@@ -139,3 +140,9 @@ def test_set_log_fd_without_an_fd_breaks_the_session():
     session = negotiated_session()
     with pytest.raises(p.ProtocolError):
         session.receive(message(Request.SET_LOG_FD))
+
+
+def test_blk_and_scsi_offer_the_dirty_log():
+    for protocol in (blk.PROTOCOL_FEATURES, scsi.PROTOCOL_FEATURES):
+        assert protocol & bit(ProtocolFeature.LOG_SHMFD)
+    assert blk.RING_FEATURES & LOG_ALL and scsi.FEATURES & LOG_ALL
