@@ -44,14 +44,15 @@ def hold_command(disk, seed, offset, length):
     return f"{PATTERN_TOOL_IN_GUEST} hold {seed} {disk} {offset} {length} {HOLD_DIR}"
 
 
-def wait_migration(source: Guest, timeout_s: float, done) -> dict:
-    """Poll ``query-migrate`` until ``done(state)``; the last state."""
+def wait_migration(source: Guest, timeout_s: float, done, fail_on_failed: bool = True) -> dict:
+    """Poll ``query-migrate`` until ``done(state)``; the last state.  A failed or cancelled
+    migration fails the test unless ``fail_on_failed`` is off."""
     state = {}
 
     def ready():
         state.clear()
         state.update(source.qmp("query-migrate"))
-        if state.get("status") in ("failed", "cancelled"):
+        if fail_on_failed and state.get("status") in ("failed", "cancelled"):
             raise AssertionError(f"migration {state['status']}: {state}")
         return done(state)
     try:
@@ -142,3 +143,38 @@ def test_a_writing_and_reading_guest_migrates_between_two_controllers_on_one_fil
         destination.close()
     guest_image.patterns.check_file(image, SEED, 0, PATTERN_BYTES)
     guest_image.patterns.check_file(image, READ_SEED, READ_OFFSET, READ_BYTES)
+
+
+def test_the_source_carries_on_when_the_destination_dies_mid_migration(
+        vhostd, boot_guest, guest_image, sparse_file, socket_dir, tmp_path):
+    image = sparse_file(DISK_MIB << 20)
+    d = vhostd()
+    disk = controllers(d, "blk", image)
+    source = boot_guest(devices=[VhostUserDevice("blk", d.socket_dir / "vhost.src")])
+    uri = f"unix:{socket_dir / 'migrate.sock'}"
+    destination = Guest(guest_image, devices=[VhostUserDevice("blk", d.socket_dir / "vhost.dst")],
+                        workdir=tmp_path / "destination", incoming=uri)
+    try:
+        destination.start_incoming(source)
+        wait_for(lambda: (socket_dir / "migrate.sock").exists(), timeout=source.scaled(30), interval=0.05)
+        d.rpc("bdev_set_qos_limit", name="File0", w_mbytes_per_sec=MIGRATION_WRITE_MBYTES_PER_S)
+        start_writers(source, disk)
+        source.qmp("migrate-set-parameters", FIRST_PASS_PARAMETERS)
+        source.qmp("migrate", uri=uri)
+        wait_migration(source, 300, lambda st: st.get("status") == "active"
+                       and st["ram"]["transferred"] >= 16 << 20)
+        destination.kill()
+        written_at_kill = bytes_written(d)
+        final = wait_migration(source, 120, lambda st: st.get("status") == "failed", fail_on_failed=False)
+        d.rpc("bdev_set_qos_limit", name="File0", w_mbytes_per_sec=0)
+        print(f"migration {final['status']} ({final.get('error-desc')}) with {written_at_kill >> 10} KiB of"
+              f" {PATTERN_BYTES >> 10} KiB written")
+        assert written_at_kill < PATTERN_BYTES
+    finally:
+        destination.close()
+    # Logging ends with the migration; the guest's disk carries on on the source.
+    wait_for(lambda: "dirty logging off" in d.log(), timeout=source.scaled(30), interval=0.05)
+    assert source.qmp("query-status")["status"] == "running"
+    check_writers_finished_cleanly(source, disk)
+    assert source.poweroff() == 0
+    guest_image.patterns.check_file(image, SEED, 0, PATTERN_BYTES)
