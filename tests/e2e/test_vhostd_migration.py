@@ -16,7 +16,8 @@ import pytest
 
 from guest import PATTERN_TOOL_IN_GUEST, Guest, VhostUserDevice
 from test_vhostd_recovery import DISK_MIB, PATTERN_BYTES, REQUEST_BYTES, SEED, bytes_written, \
-    check_writers_finished_cleanly, start_writers
+    check_writers_finished_cleanly, start_writers, write_config
+from tests.helpers.daemon import Daemon
 from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -177,4 +178,49 @@ def test_the_source_carries_on_when_the_destination_dies_mid_migration(
     assert source.qmp("query-status")["status"] == "running"
     check_writers_finished_cleanly(source, disk)
     assert source.poweroff() == 0
+    guest_image.patterns.check_file(image, SEED, 0, PATTERN_BYTES)
+
+
+def test_a_migration_outlives_the_source_vhostd_being_killed(
+        vhostd, boot_guest, guest_image, sparse_file, socket_dir, tmp_path, started_daemons):
+    """QEMU 7.2 does not fail a migration whose vhost-user back-end went away: the source stops the
+    ring without GET_VRING_BASE (last_avail rewound to used->idx, so the requests in flight are
+    fetched again) and the migration completes.  The destination's controller (another vhostd on
+    the same file) then serves them: the writers finish there with no I/O error."""
+    image = sparse_file(DISK_MIB << 20)
+    config = tmp_path / "source.json"
+    write_config(config, image)
+    workdir = socket_dir / "source"
+    workdir.mkdir()
+    src = Daemon(workdir=str(workdir), config=str(config)).start()
+    started_daemons.append(src)
+    dst = vhostd()
+    dst.spdk("bdev_aio_create", str(image), "File0")
+    dst.spdk("vhost_create_blk_controller", "vhost.0", "File0")
+    source = boot_guest(devices=[VhostUserDevice("blk", src.socket_dir / "vhost.0", reconnect_s=1)])
+    uri = f"unix:{socket_dir / 'migrate.sock'}"
+    destination = Guest(guest_image, devices=[VhostUserDevice("blk", dst.socket_dir / "vhost.0", reconnect_s=1)],
+                        workdir=tmp_path / "destination", incoming=uri)
+    try:
+        destination.attach_log("vhostd logs", lambda: src.log() + dst.log())
+        destination.start_incoming(source)
+        wait_for(lambda: (socket_dir / "migrate.sock").exists(), timeout=source.scaled(30), interval=0.05)
+        src.rpc("bdev_set_qos_limit", name="File0", w_mbytes_per_sec=MIGRATION_WRITE_MBYTES_PER_S)
+        start_writers(source)
+        source.qmp("migrate-set-parameters", FIRST_PASS_PARAMETERS)
+        source.qmp("migrate", uri=uri)
+        wait_migration(source, 300, lambda st: st.get("status") == "active"
+                       and st["ram"]["transferred"] >= 16 << 20)
+        written_at_kill = bytes_written(src)
+        src.kill()
+        final = wait_migration(source, 300, lambda st: st.get("status") == "completed")
+        print(f"migration completed without the source's vhostd: downtime {final.get('downtime')} ms, "
+              f"{written_at_kill >> 10} KiB of {PATTERN_BYTES >> 10} KiB written at the kill")
+        assert written_at_kill < PATTERN_BYTES
+        destination.wait_qmp_event("RESUME", timeout_s=destination.scaled(60))
+        check_writers_finished_cleanly(destination)
+        assert destination.poweroff() == 0
+    finally:
+        destination.close()
+        src.stop()
     guest_image.patterns.check_file(image, SEED, 0, PATTERN_BYTES)
