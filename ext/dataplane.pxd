@@ -378,6 +378,18 @@ cdef struct vq_t:
     uint16_t *resubmit       # heads still in flight when the queue started, oldest first
     uint16_t n_resubmit
     uint16_t resubmit_pos
+    # dirty log (live migration): a bitmap of guest pages, one bit per 4 KiB, that the device
+    # marks after writing guest memory; NULL while logging is off.  Changed only while no
+    # reactor polls the queue, or by the reactor itself (mailbox MB_CALL, vq_apply_log).
+    uint8_t *log_base
+    uint64_t log_bytes       # bitmap bytes: pages beyond log_bytes * 8 are not logged
+    uint64_t log_used_gpa    # guest address of the used ring (SET_VRING_ADDR log_guest_addr)
+    uint32_t log_used        # writes to the used ring are logged too (VHOST_VRING_F_LOG)
+    uint64_t log_marks       # page marks made (stats; counts repeated marks)
+    uint8_t *next_log_base   # staged by the control plane for vq_apply_log
+    uint64_t next_log_bytes
+    uint64_t next_log_used_gpa
+    uint32_t next_log_used
     io_ctx_t *io             # the I/O engine of the reactor polling this queue
     # device
     void *device             # blk_dev_t* / scsi_dev_t*

@@ -403,3 +403,86 @@ cdef class GuestMemory:
             self.close()
             free(self.mem)
             self.mem = NULL
+
+
+cdef inline bint hva_to_gpa(const guest_mem_t *mem, const uint8_t *hva, uint64_t *gpa) noexcept nogil:
+    """The guest address of a host pointer into a mapped region (the dirty log needs it for
+    buffers translated at pop time).  False if the pointer is outside every region."""
+    cdef uint32_t i
+    cdef const mem_region_t *r
+    for i in range(mem.nregions):
+        r = &mem.regions[i]
+        if r.hva <= hva and <uint64_t>(hva - r.hva) < r.size:
+            gpa[0] = r.gpa + <uint64_t>(hva - r.hva)
+            return True
+    return False
+
+
+cdef class DirtyLog:
+    """The dirty-page bitmap of a live migration (SET_LOG_BASE): ``size_bytes`` of the fd at
+    ``offset``, mapped MAP_SHARED; bit ``page % 8`` of byte ``page // 8`` stands for the guest
+    page at ``page * 4096``.  The fd is not kept.  The mapping is guarded as guest memory is (a
+    front-end that truncates the file costs it its session, not the daemon); close() only after
+    no queue points into it."""
+    cdef uint8_t *base
+    cdef size_t map_len
+    cdef void *map_base
+    cdef readonly uint64_t size_bytes
+    cdef int guard
+
+    def __cinit__(self, int fd, uint64_t size_bytes, uint64_t offset):
+        cdef stat st
+        cdef size_t length
+        self.guard = -1
+        if size_bytes == 0:
+            raise ValueError("dirty log of size 0")
+        if offset + size_bytes < offset:
+            raise ValueError("dirty log wraps around")
+        if fstat(fd, &st) != 0:
+            raise OSError(errno, "fstat of the dirty log fd failed")
+        if (st.st_mode & 0o170000) == 0o100000 or st.st_size > 0:
+            if <uint64_t>st.st_size < offset + size_bytes:
+                raise ValueError("dirty log [%#x, +%#x) exceeds its fd (%d bytes)"
+                                 % (offset, size_bytes, st.st_size))
+        length = <size_t>((offset + size_bytes + 4095) // 4096 * 4096)
+        self.map_base = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        if self.map_base == MAP_FAILED:
+            self.map_base = NULL
+            raise OSError(errno, "mmap of the dirty log failed")
+        self.map_len = length
+        self.guard = vhd_guard_add(<size_t>self.map_base, length, 4096)
+        if self.guard < 0:
+            munmap(self.map_base, length)
+            self.map_base = NULL
+            raise ValueError("too many guarded mappings")
+        self.base = <uint8_t *>self.map_base + offset
+        self.size_bytes = size_bytes
+
+    @property
+    def truncated(self):
+        return self.guard >= 0 and bool(vhd_guard_truncated(self.guard))
+
+    def dirty_pages(self):
+        """Page numbers whose bit is set (tests)."""
+        cdef uint64_t i
+        cdef int b
+        pages = []
+        if self.base == NULL:
+            return pages
+        for i in range(self.size_bytes):
+            if self.base[i]:
+                for b in range(8):
+                    if self.base[i] & (1 << b):
+                        pages.append(i * 8 + b)
+        return pages
+
+    def close(self):
+        if self.map_base != NULL:
+            vhd_guard_remove(self.guard)
+            self.guard = -1
+            munmap(self.map_base, self.map_len)
+            self.map_base = NULL
+            self.base = NULL
+
+    def __dealloc__(self):
+        self.close()

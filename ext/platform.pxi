@@ -59,6 +59,8 @@ cdef extern from *:
     static inline void *vhd_load_ptr(void **p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void *vhd_exchange_ptr(void **p, void *v) { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
     static inline int vhd_clz64(uint64_t v) { return v ? __builtin_clzll(v) : 64; }
+    /* The dirty log is shared with the front-end, which clears bits while we set others. */
+    static inline void vhd_or_u8(uint8_t *p, uint8_t v) { __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
     """
     uint64_t vhd_ticks() nogil
     uint64_t vhd_clock() nogil
@@ -85,6 +87,7 @@ cdef extern from *:
     void *vhd_load_ptr(void **p) nogil
     void *vhd_exchange_ptr(void **p, void *v) nogil
     int vhd_clz64(uint64_t v) nogil
+    void vhd_or_u8(uint8_t *p, uint8_t v) nogil
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)

@@ -368,6 +368,11 @@ cdef class Reactor:
         closed once done."""
         return self._post(MB_SET_FDS, queue.vq, call_fd, queue, err_fd)
 
+    def post_set_log(self, VirtQueue queue):
+        """Switch a polled queue to its staged dirty-log settings (VirtQueue.set_log) between
+        two passes, never in the middle of a request's completion."""
+        return self._post(MB_CALL, queue.vq, -1, queue, -1, vq_apply_log, <void *>queue.vq)
+
     def post_barrier(self):
         """A message that is done once the reactor has processed everything posted before it."""
         return self._post(MB_BARRIER, NULL, -1, None)

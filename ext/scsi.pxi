@@ -155,6 +155,8 @@ cdef void scsi_finish(task_t *task) noexcept nogil:
             _put_le32(resp, FIXED_SENSE_BYTES)
             scsi_build_fixed_sense(resp + 12, c.sense_key, c.asc, c.ascq)
     buf_to_iov(<iovec *>task.scratch, c.resp_niov, 0, resp, VS_CMD_RESP_BYTES)
+    if task.vq.log_base != NULL:
+        vq_log_iov(task.vq, <iovec *>task.scratch, c.resp_niov)   # the saved response area
     task.used_len = VS_CMD_RESP_BYTES + (c.data_done if c.data_in else 0)
     failed = c.response != VS_OK or c.status != ST_GOOD
     if c.target != NO_TARGET:

@@ -43,6 +43,66 @@ cdef inline size_t vring_used_bytes(uint16_t size) noexcept nogil:
     return 6 + 8 * <size_t>size
 
 
+# ---------------------------------------------------------------------------------------------
+# Dirty log (live migration).  Every write the device makes to guest memory is marked after it
+# is made (a mark before the write could be cleared by the front-end's sync, which then copies
+# the page without it).  With logging off each hook is one branch on vq.log_base.
+# ---------------------------------------------------------------------------------------------
+cdef enum:
+    LOG_PAGE_SHIFT = 12
+
+
+cdef void vq_log_gpa(vq_t *vq, uint64_t gpa, uint64_t length) noexcept nogil:
+    """Mark the guest pages of [gpa, gpa+length)."""
+    cdef uint64_t page, last
+    if length == 0:
+        return
+    page = gpa >> LOG_PAGE_SHIFT
+    last = (gpa + length - 1) >> LOG_PAGE_SHIFT
+    while page <= last:
+        if (page >> 3) < vq.log_bytes:
+            vhd_or_u8(&vq.log_base[page >> 3], <uint8_t>(1 << (page & 7)))
+            vq.log_marks += 1
+        page += 1
+
+
+cdef void vq_log_iov(vq_t *vq, const iovec *iov, int n) noexcept nogil:
+    """Mark the guest pages behind host segments (translated from guest addresses at pop)."""
+    cdef int i
+    cdef uint64_t gpa
+    for i in range(n):
+        if iov[i].iov_base != NULL and iov[i].iov_len and \
+                hva_to_gpa(vq.mem, <const uint8_t *>iov[i].iov_base, &gpa):
+            vq_log_gpa(vq, gpa, iov[i].iov_len)
+
+
+cdef inline void _log_used(vq_t *vq, size_t offset, size_t length) noexcept nogil:
+    if vq.log_used:
+        vq_log_gpa(vq, vq.log_used_gpa + offset, length)
+
+
+cdef void _log_task(vq_t *vq, task_t *task) noexcept nogil:
+    """A completed request's device-writable buffers (read data, blk status, scsi response)."""
+    cdef uint64_t gpa
+    vq_log_iov(vq, &task.iov[task.n_readable], task.n_iov - task.n_readable)
+    if task.status != NULL and hva_to_gpa(vq.mem, task.status, &gpa):
+        vq_log_gpa(vq, gpa, 1)     # blk may trim the status byte off its segment
+
+
+cdef int vq_apply_log(void *arg) noexcept nogil:
+    """On the reactor polling the queue (MB_CALL): switch to the staged dirty-log settings."""
+    cdef vq_t *vq = <vq_t *>arg
+    vq.log_base = vq.next_log_base
+    vq.log_bytes = vq.next_log_bytes
+    vq.log_used_gpa = vq.next_log_used_gpa
+    vq.log_used = vq.next_log_used
+    if vq.log_base != NULL and vq.log_used:
+        # Entries pushed before logging began may sit in pages copied long ago; the front-end
+        # marks the whole ring at the stop, but a live sync in between must see them too.
+        vq_log_gpa(vq, vq.log_used_gpa, vring_used_bytes(vq.size))
+    return 0
+
+
 cdef void vq_mark_broken(vq_t *vq) noexcept nogil:
     """Stop a queue whose ring state cannot be trusted and tell the front-end (error eventfd)."""
     if not vq.broken:
@@ -216,7 +276,10 @@ cdef void task_complete(task_t *task, bint failed) noexcept nogil:
     """Return a task's buffers to the driver: the used entry now, the used index at the end of
     the pass (vq_publish), the interrupt decision after that (vq_notify)."""
     cdef vq_t *vq = task.vq
+    cdef uint16_t slot
     cdef vring_used_elem_t *elem
+    if vq.log_base != NULL:
+        _log_task(vq, task)
     if vq.packed_ring:
         vq_packed_push(vq, task)
         _account(vq, task, failed)
@@ -224,9 +287,12 @@ cdef void task_complete(task_t *task, bint failed) noexcept nogil:
         vq.inflight_count -= 1
         vq.need_notify = 1
         return
-    elem = _used_elem(vq, vq.used_idx % vq.size)
+    slot = vq.used_idx % vq.size
+    elem = _used_elem(vq, slot)
     elem.id = task.head
     elem.len = task.used_len
+    if vq.log_base != NULL:
+        _log_used(vq, 4 + 8 * <size_t>slot, 8)
     vq.used_idx += 1
     if vq.inflight_desc != NULL:
         # The batch is linked twice: in the shared region for a successor's recovery, and in the
@@ -252,6 +318,8 @@ cdef void vq_publish(vq_t *vq) noexcept nogil:
         vq.inflight.last_batch_head = vq.batch_head
     vhd_compiler_barrier()
     vhd_store_u16(_used_idx(vq), vq.used_idx)
+    if vq.log_base != NULL:
+        _log_used(vq, 2, 2)
     vq.published_used = vq.used_idx
     if vq.inflight_desc != NULL:
         vhd_compiler_barrier()
@@ -361,6 +429,8 @@ cdef void vq_disable_kicks(vq_t *vq) noexcept nogil:
         vq_packed_disable_kicks(vq)
     elif not vq.event_idx:
         vhd_store_u16(_used_flags(vq), VRING_USED_F_NO_NOTIFY)
+        if vq.log_base != NULL:
+            _log_used(vq, 0, 2)
 
 
 cdef bint vq_enable_kicks(vq_t *vq) noexcept nogil:
@@ -371,8 +441,12 @@ cdef bint vq_enable_kicks(vq_t *vq) noexcept nogil:
         vq_packed_enable_kicks(vq)
     elif vq.event_idx:
         vhd_store_u16(_avail_event(vq), vq.last_avail_idx)
+        if vq.log_base != NULL:
+            _log_used(vq, 4 + 8 * <size_t>vq.size, 2)
     else:
         vhd_store_u16(_used_flags(vq), 0)
+        if vq.log_base != NULL:
+            _log_used(vq, 0, 2)
     vhd_full_fence()       # publish the request before re-reading avail.idx
     return vq_has_work(vq)
 
@@ -504,6 +578,7 @@ cdef class VirtQueue:
     cdef GuestMemory memory       # keeps the mapping alive while the queue points into it
     cdef object device            # keeps the device state alive
     cdef object inflight_map      # mmap of the inflight region, or None
+    cdef object log               # the DirtyLog the queue marks (kept alive), or None
 
     def __cinit__(self, uint16_t index=0):
         self.vq = <vq_t *>calloc(1, sizeof(vq_t))
@@ -607,6 +682,29 @@ cdef class VirtQueue:
         if n < 0:
             raise MemoryError()
         return n
+
+    def set_log(self, DirtyLog log, uint64_t used_gpa, bint log_used):
+        """Stage dirty-log settings: ``log`` (None: logging off) and, if ``log_used``, the used
+        ring's guest address.  They take effect at configure() time for a queue no reactor polls
+        (apply_log()), or on its reactor through Reactor.post_set_log()."""
+        cdef vq_t *vq = self.vq
+        self.log = log
+        vq.next_log_base = NULL if log is None else log.base
+        vq.next_log_bytes = 0 if log is None else log.size_bytes
+        vq.next_log_used_gpa = used_gpa
+        vq.next_log_used = log_used
+
+    def apply_log(self):
+        """Take the staged dirty-log settings now: only while no reactor polls the queue."""
+        vq_apply_log(self.vq)
+
+    @property
+    def logging(self):
+        return self.vq.log_base != NULL
+
+    @property
+    def log_marks(self):
+        return self.vq.log_marks
 
     def clear_inflight(self):
         self.vq.inflight = NULL

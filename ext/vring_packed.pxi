@@ -190,9 +190,12 @@ cdef void vq_packed_push(vq_t *vq, task_t *task) noexcept nogil:
         vhd_compiler_barrier()
         q.pending_id = task.head
         vhd_compiler_barrier()
+    cdef uint64_t gpa
     d.id = task.head
     d.len = task.used_len
     vhd_store_u16(_packed_flags(d), flags)
+    if vq.log_base != NULL and vq.log_used and hva_to_gpa(vq.mem, <const uint8_t *>d, &gpa):
+        vq_log_gpa(vq, gpa, sizeof(vring_packed_desc_t))    # migrating: the ring page is dirty
     vq.used_idx = <uint16_t>(vq.used_idx + task.ndesc)
     vq.published_used = vq.used_idx
     if q != NULL:

@@ -783,8 +783,15 @@ class Guest(GuestShell):
         extra_args: Iterable[str] = (),
         reboot_resets: bool = False,
         min_time_scale: float | None = None,
+        memory_slots: int = 0,
+        max_memory_mib: int | None = None,
+        incoming: str | None = None,
     ) -> None:
         super().__init__(image, workdir=workdir, boot_timeout_s=boot_timeout_s, min_time_scale=min_time_scale)
+        memory = f"{memory_mib}M"
+        if memory_slots:
+            # DIMM slots for memory hot-plug (object_add + device_add pc-dimm), up to maxmem.
+            memory += f",slots={memory_slots},maxmem={max_memory_mib or 4 * memory_mib}M"
         self.devices: list[VhostUserDevice] = []
         self._devices_named = 0
         for dev in devices:
@@ -798,7 +805,7 @@ class Guest(GuestShell):
             "-machine", "pc,memory-backend=mem",
             # vhost-user back-ends map guest RAM, so it must be a shareable fd.
             "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
-            "-m", f"{memory_mib}M",
+            "-m", memory,
             "-smp", str(smp),
             "-nodefaults",
             "-nographic",
@@ -812,6 +819,9 @@ class Guest(GuestShell):
         ]
         for dev in self.devices:
             self.command_line += dev.command_line_args()
+        if incoming is not None:
+            # A live-migration destination: it waits for the source's state (start_incoming()).
+            self.command_line += ["-incoming", incoming]
         self.command_line += list(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QMPClient | None = None
@@ -844,6 +854,25 @@ class Guest(GuestShell):
 
     def _booted(self) -> None:
         self._qmp = QMPClient(self.qmp_path)
+
+    def start_incoming(self, source: GuestShell, timeout_s: float = 30.0) -> None:
+        """Launch this guest as the destination of a live migration (``incoming=``) and connect
+        QMP; its shell is the source's, arriving with the migration, so there is no boot to wait
+        for and the time limits are the source's."""
+        if self._transport is not None:
+            raise GuestError("guest already started")
+        self._transport = self._launch()
+        self._console = SerialConsole(self._transport.read_fd, self.console_log_path)
+        self.time_scale, self.calibration_s = source.time_scale, source.calibration_s
+        deadline = time.monotonic() + self.scaled(timeout_s)
+        while True:
+            try:
+                self._booted()
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                if not self.running or time.monotonic() > deadline:
+                    self._fail("the incoming QEMU's QMP socket did not come up")
+                time.sleep(0.05)
 
     @property
     def running(self) -> bool:

@@ -5,6 +5,7 @@ positions, which QEMU cannot after a crash)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -57,6 +58,21 @@ def setup(socket_dir, tmp_path, sparse_file, started_daemons):
         d.cleanup()
 
 
+def start_writers(guest, disk="/dev/vda"):
+    """WRITERS on ``disk``: several requests are in flight, and complete out of order, when the
+    target goes away."""
+    dataclasses.replace(WRITERS, device=disk).start(guest)
+
+
+def check_writers_finished_cleanly(guest, disk="/dev/vda"):
+    """The writers all ended with status 0, the guest logged no I/O error, and the disk holds
+    their pattern (read cold, O_DIRECT)."""
+    assert WRITERS.wait(guest) == [0] * WRITERS.count, WRITERS.logs(guest)
+    assert io_errors_in_dmesg(guest) == ""
+    guest.check("echo 3 > /proc/sys/vm/drop_caches")
+    guest.check_pattern(disk, SEED, 0, PATTERN_BYTES, direct=True)
+
+
 def bytes_written(d):
     return d.rpc("bdev_get_iostat")["bdevs"][0]["bytes_written"]
 
@@ -71,7 +87,7 @@ def test_guest_survives_a_target_restart_mid_write(setup, boot_guest, guest_imag
                                                 props={"packed": True} if packed else {})])
     if packed:
         assert d.rpc("vhost_get_queue_stats", name="vhost.0")["controllers"][0]["queues"][0]["packed"]
-    WRITERS.start(guest)
+    start_writers(guest)
     # Mid-write: the writers are under way and far from done.
     wait_for(lambda: bytes_written(d) >= 64 * REQUEST_BYTES, timeout=guest.scaled(60), interval=0.02)
     written_before = bytes_written(d)
@@ -83,10 +99,7 @@ def test_guest_survives_a_target_restart_mid_write(setup, boot_guest, guest_imag
     assert written_before < PATTERN_BYTES
     time.sleep(OUTAGE_S)
     start(packed)
-    assert WRITERS.wait(guest) == [0] * WRITERS.count, WRITERS.logs(guest)
-    assert io_errors_in_dmesg(guest) == ""
-    guest.check("echo 3 > /proc/sys/vm/drop_caches")
-    guest.check_pattern("/dev/vda", SEED, 0, PATTERN_BYTES, direct=True)
+    check_writers_finished_cleanly(guest)
     assert guest.poweroff() == 0
     guest_image.patterns.check_file(image, SEED, 0, PATTERN_BYTES)
     guest_image.patterns.check_file(image, "zero", PATTERN_BYTES, (DISK_MIB << 20) - PATTERN_BYTES)

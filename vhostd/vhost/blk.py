@@ -17,12 +17,14 @@ SEG_MAX = 128                    # data segments per request (ext: MAX_IOV - hea
 MAX_DISCARD_SECTORS = 32768      # 16 MiB per discard / write-zeroes request
 CONFIG_SIZE = 60                 # virtio_blk_config up to write_zeroes_may_unmap (+3 pad)
 
-# BACKEND_REQ: a resized disk's new capacity is announced with CONFIG_CHANGE_MSG.
+# BACKEND_REQ: a resized disk's new capacity is announced with CONFIG_CHANGE_MSG.  LOG_SHMFD and
+# VHOST_LOG_ALL: live migration (the dirty log).
 PROTOCOL_FEATURES = mask(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.CONFIG,
                          ProtocolFeature.BACKEND_REQ, ProtocolFeature.INFLIGHT_SHMFD,
-                         ProtocolFeature.CONFIGURE_MEM_SLOTS)
+                         ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.LOG_SHMFD)
 RING_FEATURES = mask(VirtioFeature.VERSION_1, VirtioFeature.RING_INDIRECT_DESC,
-                     VirtioFeature.RING_EVENT_IDX, VirtioFeature.VHOST_USER_PROTOCOL_FEATURES)
+                     VirtioFeature.RING_EVENT_IDX, VirtioFeature.VHOST_USER_PROTOCOL_FEATURES,
+                     VirtioFeature.VHOST_LOG_ALL)
 BLK_FEATURES = mask(BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.FLUSH, BlkFeature.TOPOLOGY,
                     BlkFeature.MQ, BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES)
 

@@ -103,6 +103,8 @@ class Connection:
         self.inflight_base = 0
         self.queues: dict[int, tuple[dp.VirtQueue, dp.Reactor]] = {}
         self.backend: Transport | None = None   # the SET_BACKEND_REQ_FD channel, send-only
+        self.log: dp.DirtyLog | None = None     # SET_LOG_BASE's dirty log
+        self.inflight_at_stop: dict[int, int] = {}   # queue → requests in flight when its stop began
         self.truncated = False            # closed by close_if_truncated()
         self.loop = asyncio.get_running_loop()
         self.closed = asyncio.Event()
@@ -175,6 +177,10 @@ class Connection:
             self._open_backend_channel(effect.fd)
         elif isinstance(effect, s.SendBackendRequest):
             await self._send_backend_request(effect)
+        elif isinstance(effect, s.MapLog):
+            await self._map_log(effect)
+        elif isinstance(effect, s.UpdateLogging):
+            await self._update_logging()
         else:
             raise TypeError("unknown effect %r" % (effect,))
         return []
@@ -218,7 +224,8 @@ class Connection:
         """The front-end shrank a file we map (guest RAM or the inflight region) and the data
         plane touched a lost page (a SIGBUS survived in _dataplane)."""
         return (self.memory is not None and self.memory.truncated) or (
-            self.inflight_guard >= 0 and dp.mapping_truncated(self.inflight_guard))
+            self.inflight_guard >= 0 and dp.mapping_truncated(self.inflight_guard)) or (
+            self.log is not None and self.log.truncated)
 
     def _check_truncation(self) -> None:
         if self._memory_truncated():
@@ -273,6 +280,32 @@ class Connection:
                 self.memory.remove_region(r.guest_phys_addr, r.memory_size, r.userspace_addr)
             except KeyError as exc:
                 raise p.ProtocolError(str(exc)) from None
+
+    # -- dirty log ----------------------------------------------------------------------------
+    async def _map_log(self, effect: s.MapLog) -> None:
+        try:
+            log_map = dp.DirtyLog(effect.fd, effect.size_bytes, effect.offset)
+        except (OSError, ValueError) as exc:
+            raise p.ProtocolError("dirty log refused: %s" % exc) from None
+        finally:
+            _close(effect.fd)
+        old, self.log = self.log, log_map
+        # Queues move to the new log before the old one is unmapped (and before the reply: the
+        # front-end reads the old log one last time once it has it).
+        await self._update_logging()
+        if old is not None:
+            old.close()
+        log.log(25, "%s: dirty log of %d bytes mapped (guest pages up to %d MiB)", self.name,
+                 effect.size_bytes, effect.size_bytes * 8 * 4096 >> 20)
+
+    def _stage_log(self, index: int, queue: dp.VirtQueue) -> None:
+        vring = self.session.vrings[index]
+        queue.set_log(self.log if self.session.logging else None, vring.log_gpa, vring.log_used)
+
+    async def _update_logging(self) -> None:
+        for index, (queue, reactor) in list(self.queues.items()):
+            self._stage_log(index, queue)
+            await self.controller.reactors.wait(reactor, reactor.post_set_log(queue))
 
     # -- inflight tracking --------------------------------------------------------------------
     def _release_inflight(self) -> None:
@@ -351,6 +384,8 @@ class Connection:
             if vring.err_fd is not None:
                 os.eventfd_write(vring.err_fd, 1)
             return
+        self._stage_log(index, queue)
+        queue.apply_log()
         queue.set_fds(_fd(vring.kick_fd), _fd(vring.call_fd), _fd(vring.err_fd))
         reactor = self.device.attach_queue(index, queue, self.session.acked_features)
         # Recorded before the wait: a shutdown meanwhile (Controller.stop) must take it back from
@@ -364,6 +399,13 @@ class Connection:
         if entry is None:
             return self.session.queue_stopped(index, self.session.vrings[index].base)
         queue, reactor = entry
+        if queue.logging:
+            # A stop while logging is the migration's switch-over (or its cancellation): the
+            # stop waits for these requests, so the destination resumes after all of them.
+            in_flight = queue.inflight_count
+            self.inflight_at_stop[index] = in_flight
+            log.log(25, "%s: queue %d stops under dirty logging with %d requests in flight",
+                    self.name, index, in_flight)
         await self.controller.reactors.wait(reactor, reactor.post_remove_queue(queue))
         reactor.forget_queue(queue)
         self.device.detach_queue(index, queue, reactor)
@@ -406,6 +448,9 @@ class Connection:
                 self.memory.close()
                 self.memory = None
             self._release_inflight()
+            if self.log is not None:
+                self.log.close()
+                self.log = None
             if self.backend is not None:
                 self.backend.close()
                 self.backend = None

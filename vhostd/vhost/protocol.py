@@ -100,6 +100,7 @@ SINGLE_REGION = struct.Struct("<Q32s")
 CONFIG_HEAD = struct.Struct("<III")
 INFLIGHT = struct.Struct("<QQHHI")
 LOG = struct.Struct("<QQ")
+VRING_F_LOG = 1                  # SET_VRING_ADDR flags: log writes to the used ring
 
 
 @dataclass(frozen=True)

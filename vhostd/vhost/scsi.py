@@ -31,15 +31,17 @@ EVENT_TRANSPORT_RESET = 1
 REASON_RESCAN, REASON_REMOVED = 1, 2
 REMOVE_POLL_S = 0.001
 
+# LOG_SHMFD and VHOST_LOG_ALL: live migration (the dirty log; responses and data-in are marked).
 PROTOCOL_FEATURES = mask(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.INFLIGHT_SHMFD,
-                         ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.RESET_DEVICE)
+                         ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.RESET_DEVICE,
+                         ProtocolFeature.LOG_SHMFD)
 # QEMU 7.2 passes CHANGE (param_change=on) and ANY_LAYOUT to the guest whatever we offer, so they are
 # offered: we parse requests by byte offset (any layout) and simply never send PARAM_CHANGE events.
 # RING_PACKED is offered always (SPDK's vhost-scsi has no packed rings and no RPC to ask for them):
 # QEMU negotiates it only with packed=on on the device.
 FEATURES = mask(VirtioFeature.VERSION_1, VirtioFeature.RING_INDIRECT_DESC, VirtioFeature.RING_EVENT_IDX,
                 VirtioFeature.VHOST_USER_PROTOCOL_FEATURES, VirtioFeature.ANY_LAYOUT, ScsiFeature.HOTPLUG,
-                ScsiFeature.CHANGE, VirtioFeature.RING_PACKED)
+                ScsiFeature.CHANGE, VirtioFeature.RING_PACKED, VirtioFeature.VHOST_LOG_ALL)
 
 _device_slots = iter(range(1 << 62))      # SPDK's global SCSI device index ("id")
 

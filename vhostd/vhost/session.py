@@ -122,6 +122,22 @@ class UpdateQueueFds:
 
 
 @dataclass(frozen=True)
+class MapLog:
+    """SET_LOG_BASE: map the dirty log (``size_bytes`` of fd at ``offset``; the fd is the
+    connection's to close), switch every running queue to it, then unmap the previous one."""
+
+    fd: int
+    size_bytes: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class UpdateLogging:
+    """Dirty logging was turned on or off (SET_FEATURES ±LOG_ALL) or a ring's used-ring logging
+    changed (SET_VRING_ADDR): give every running queue its new settings through its reactor."""
+
+
+@dataclass(frozen=True)
 class CloseFds:
     fds: tuple[int, ...]
 
@@ -179,7 +195,7 @@ class SendBackendRequest:
 
 Effect = (Reply | StartQueue | StopQueue | MapMemory | AddMemoryRegion | RemoveMemoryRegion
           | UpdateQueueFds | CloseFds | MapInflight | CreateInflight | Reconcile | ForgetQueue
-          | OpenBackendChannel | SendBackendRequest)
+          | OpenBackendChannel | SendBackendRequest | MapLog | UpdateLogging)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +226,8 @@ class Vring:
     stopping: bool = False        # StopQueue in progress
     failed: str | None = None     # the last start failed (bad addresses …)
     reply_base_on_stop: bool = False
+    log_used: bool = False        # SET_VRING_ADDR flag VHOST_VRING_F_LOG: log used-ring writes
+    log_gpa: int = 0              # the used ring's guest address for the log
 
     def addressed(self) -> bool:
         return self.size > 0 and self.desc != 0 and self.avail != 0 and self.used != 0
@@ -237,6 +255,8 @@ class Session:
         self.vrings = [Vring(i) for i in range(device.max_queues)]
         self.inflight: MapInflight | None = None
         self.backend_channel = False      # SET_BACKEND_REQ_FD gave us a socket for our requests
+        self.log_mapped = False           # SET_LOG_BASE gave us a dirty log
+        self.log_fd: int | None = None    # SET_LOG_FD's eventfd (kept, never signalled)
         self._handlers = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -260,6 +280,8 @@ class Session:
             Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
+            Request.SET_LOG_BASE: self._set_log_base,
+            Request.SET_LOG_FD: self._set_log_fd,
             Request.GET_INFLIGHT_FD: self._get_inflight_fd,
             Request.SET_INFLIGHT_FD: self._set_inflight_fd,
             Request.RESET_DEVICE: self._reset_device,
@@ -277,6 +299,11 @@ class Session:
 
     def protocol_negotiated(self, feature: int) -> bool:
         return bool(self.acked_protocol_features & bit(feature))
+
+    @property
+    def logging(self) -> bool:
+        """Dirty logging is on: LOG_ALL acked and a log mapped (running queues mark pages)."""
+        return self.log_mapped and self.negotiated(VirtioFeature.VHOST_LOG_ALL)
 
     def receive(self, msg: p.Message) -> list[Effect]:
         """Process one front-end message.  Raises ProtocolError (session BROKEN) on a malformed
@@ -340,7 +367,7 @@ class Session:
 
     def owned_fds(self) -> list[int]:
         """Every fd the session still holds (closed by the connection after close())."""
-        fds: list[int] = []
+        fds: list[int] = [self.log_fd] if self.log_fd is not None else []
         for v in self.vrings:
             fds += [fd for fd in (v.kick_fd, v.call_fd, v.err_fd) if fd is not None and fd >= 0]
         return fds
@@ -406,6 +433,12 @@ class Session:
         allowed = self.device.features | bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES)
         if value & ~allowed:
             return self._refuse(msg, "features %#x were not offered (offered %#x)" % (value, allowed))
+        if self.state is SessionState.READY and value ^ self.acked_features == bit(VirtioFeature.VHOST_LOG_ALL):
+            # Migration starts or ends: the queues keep running and only start or stop marking
+            # pages, before the reply (QEMU counts on the log from then on).
+            self.acked_features = value
+            log.log(25, "%s: dirty logging %s", self.device.name, "on" if self.logging else "off")
+            return [UpdateLogging()] + self._ack(msg)
         self.acked_features = value
         if not value & bit(VirtioFeature.VHOST_USER_PROTOCOL_FEATURES):
             # Without protocol features there is no SET_VRING_ENABLE: rings start enabled.
@@ -507,11 +540,16 @@ class Session:
         vring = self._vring(addr.index)
         if vring is None:
             return self._refuse(msg, "queue %d does not exist" % addr.index)
+        log_used = bool(addr.flags & p.VRING_F_LOG)
         if vring.running:
-            # Logging toggles re-send the same addresses while running; nothing changes for us.
-            if (vring.desc, vring.avail, vring.used) == (addr.desc, addr.avail, addr.used):
+            # Logging toggles re-send the same addresses while running, with the log flag.
+            if (vring.desc, vring.avail, vring.used) != (addr.desc, addr.avail, addr.used):
+                return self._refuse(msg, "queue %d is running" % vring.index)
+            if (vring.log_used, vring.log_gpa) == (log_used, addr.log):
                 return self._ack(msg)
-            return self._refuse(msg, "queue %d is running" % vring.index)
+            vring.log_used, vring.log_gpa = log_used, addr.log
+            return [UpdateLogging()] + self._ack(msg)
+        vring.log_used, vring.log_gpa = log_used, addr.log
         vring.desc, vring.avail, vring.used = addr.desc, addr.avail, addr.used
         vring.failed = None
         return self._ack(msg) + self._reconcile(vring)
@@ -610,6 +648,25 @@ class Session:
         fd = msg.fds.pop()
         self.backend_channel = True
         return [OpenBackendChannel(fd)] + self._ack(msg)
+
+    # -- dirty log ----------------------------------------------------------------------------
+    def _set_log_base(self, msg: p.Message) -> list[Effect]:
+        if not self.protocol_negotiated(ProtocolFeature.LOG_SHMFD):
+            return self._refuse(msg, "LOG_SHMFD not negotiated")
+        self._expect_fds(msg, 1)
+        base: p.LogBase = msg.body
+        if base.mmap_size == 0:
+            raise ProtocolError("SET_LOG_BASE of an empty log")
+        fd = msg.fds.pop()
+        self.log_mapped = True
+        # With LOG_SHMFD the front-end waits for a u64 reply (its value is not looked at).
+        return [MapLog(fd, base.mmap_size, base.mmap_offset), Reply(msg.request, p.encode_u64(0))]
+
+    def _set_log_fd(self, msg: p.Message) -> list[Effect]:
+        self._expect_fds(msg, 1)
+        _close(self.log_fd)
+        self.log_fd = msg.fds.pop()
+        return self._ack(msg)
 
     # -- config and inflight -----------------------------------------------------------------
     def _get_config(self, msg: p.Message) -> list[Effect]:

@@ -16,6 +16,11 @@
  *   vhd-pattern write SEED PATH OFFSET LENGTH [-b BYTES] [-d] [-f]
  *   vhd-pattern check SEED PATH OFFSET LENGTH [-b BYTES] [-d]
  *   vhd-pattern spin  MIB                                 make MIB MiB in memory (speed calibration)
+ *   vhd-pattern hold  SEED PATH OFFSET LENGTH DIR
+ *                      keeps [OFFSET, OFFSET+LENGTH) of PATH in its memory across a live migration:
+ *                      fills a buffer by CPU, creates DIR/ready; when DIR/read appears, reads the
+ *                      range into the buffer with O_DIRECT (only the device writes those pages),
+ *                      creates DIR/loaded; when DIR/check appears, checks the buffer as check does
  *   vhd-pattern randread PATH SPAN MILLISECONDS [-b BYTES] [-d]
  *                      reads of BYTES (default 4096) at random aligned offsets in [0, SPAN) for
  *                      MILLISECONDS, then prints "randread PATH ops=N bytes=B ms=T iops=I"
@@ -55,6 +60,7 @@ static void usage(void)
           "       vhd-pattern write SEED PATH OFFSET LENGTH [-b BYTES] [-d] [-f]\n"
           "       vhd-pattern check SEED PATH OFFSET LENGTH [-b BYTES] [-d]\n"
           "       vhd-pattern spin MIB\n"
+          "       vhd-pattern hold SEED PATH OFFSET LENGTH DIR\n"
           "       vhd-pattern randread PATH SPAN MILLISECONDS [-b BYTES] [-d]\n", stderr);
     exit(2);
 }
@@ -212,6 +218,59 @@ static int cmd_check(uint64_t seed, const char *path, uint64_t offset, uint64_t 
     return 0;
 }
 
+static void touch_file(const char *dir, const char *name)
+{
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || close(fd) != 0)
+        die(path);
+}
+
+static void wait_file(const char *dir, const char *name)
+{
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    while (access(path, F_OK) != 0)
+        usleep(10000);
+}
+
+static int cmd_hold(uint64_t seed, const char *path, uint64_t offset, uint64_t length, const char *dir)
+{
+    int fd = open_target(path, O_RDONLY, 1);
+    unsigned char *held = chunk_buffer((size_t)length), *want = chunk_buffer(DEFAULT_CHUNK_BYTES);
+    memset(held, 0xEE, (size_t)length);
+    touch_file(dir, "ready");
+    wait_file(dir, "read");
+    for (uint64_t done = 0; done < length;) {
+        size_t n = length - done < DEFAULT_CHUNK_BYTES ? (size_t)(length - done) : DEFAULT_CHUNK_BYTES;
+        ssize_t r = pread(fd, held + done, n, (off_t)(offset + done));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r != (ssize_t)n)
+            die("read");
+        done += n;
+    }
+    touch_file(dir, "loaded");
+    wait_file(dir, "check");
+    for (uint64_t done = 0; done < length; done += DEFAULT_CHUNK_BYTES) {
+        size_t n = length - done < DEFAULT_CHUNK_BYTES ? (size_t)(length - done) : DEFAULT_CHUNK_BYTES;
+        fill(seed, offset + done, want, n);
+        if (memcmp(want, held + done, n) != 0) {
+            size_t first = 0, bad = 0;
+            while (want[first] == held[done + first])
+                first++;
+            for (size_t i = first; i < n; i++)
+                bad += want[i] != held[done + i];
+            printf("mismatch at %" PRIu64 ": %zu of the %zu bytes from %" PRIu64 " differ\n",
+                   offset + done + first, bad, n, offset + done);
+            return 1;
+        }
+    }
+    printf("ok %" PRIu64 "\n", length);
+    return 0;
+}
+
 static int cmd_spin(uint64_t mib)
 {
     unsigned char *buf = chunk_buffer(DEFAULT_CHUNK_BYTES);
@@ -295,6 +354,11 @@ int main(int argc, char **argv)
         if (argc != 5)
             usage();
         return cmd_gen(seed, parse_size(argv[3]), parse_size(argv[4]));
+    }
+    if (strcmp(cmd, "hold") == 0) {
+        if (argc != 7)
+            usage();
+        return cmd_hold(seed, argv[3], parse_size(argv[4]), parse_size(argv[5]), argv[6]);
     }
     int writing = strcmp(cmd, "write") == 0;
     if ((!writing && strcmp(cmd, "check") != 0) || argc < 6)
