@@ -77,6 +77,10 @@ class NvmeFunction:
             self._bar0_map = None
             self.doorbells = memoryview(bytearray(DOORBELL_PAGE_SIZE))
 
+    def set_namespaces(self, namespaces: dict[int, ident.NamespaceInfo]) -> None:
+        """The namespaces Identify reports from now on (NSID → geometry and identifiers)."""
+        self.admin.namespaces = dict(namespaces)
+
     # -- vfio-user DeviceModel ----------------------------------------------------------------
     def region(self, index: int) -> RegionDescription:
         bars = self.bars
