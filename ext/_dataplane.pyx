@@ -21,5 +21,6 @@ include "blk.pxi"
 include "reactor.pxi"
 include "scsi.pxi"
 include "initiator.pxi"
+include "nvme.pxi"
 
 tick_rate()

@@ -1,7 +1,8 @@
 """A real Linux guest (TCG) in QEMU 11.1 probes vhostd's NVMe controller over vfio-user: the stock
 nvme driver enables it, identifies it, and creates one I/O queue pair per vCPU, from an in-process
 endpoint and from a daemon configured with SPDK's spdk-rpc.  No namespaces yet: the controller is
-/dev/nvme0 without disks."""
+/dev/nvme0 without disks; then namespaces from bdevs (512 and 4096-byte blocks) that the guest does
+O_DIRECT I/O on through the reactors."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import threading
 
 import pytest
 
+from guest import pattern_command
 from vhostd.nvme.function import NvmeFunction
 from vhostd.vfio_user.server import Endpoint
 
@@ -111,3 +113,54 @@ def test_a_new_qemu_is_served_after_one_is_killed(qemu_root, boot_guest, nvme_en
     assert second.read_sysfs("/sys/class/nvme/nvme0/state") == "live"
     assert nvme_endpoint.endpoint.clients_served == 2
     assert second.poweroff() == 0
+
+
+MIB = 1 << 20
+SEED = 7
+
+
+def test_linux_does_direct_io_on_namespaces_of_512_and_4096_byte_blocks(qemu_root, boot_guest, vhostd,
+                                                                         guest_image, sparse_file):
+    image = sparse_file(32 * MIB)
+    d = vhostd()
+    traddr = d.socket_dir / "vfu0"
+    traddr.mkdir()
+    nqn = "nqn.2016-06.io.spdk:vfu0"
+    d.spdk("bdev_malloc_create", "-b", "Malloc0", "16", "512")
+    d.spdk("bdev_aio_create", str(image), "File0", "4096")
+    d.spdk("nvmf_create_transport", "-t", "VFIOUSER")
+    d.spdk("nvmf_create_subsystem", nqn, "-a", "-s", "SN0002", "-d", "vhostd NVMe")
+    d.spdk("nvmf_subsystem_add_ns", nqn, "Malloc0")
+    d.spdk("nvmf_subsystem_add_ns", nqn, "File0")
+    d.spdk("nvmf_subsystem_add_listener", nqn, "-t", "VFIOUSER", "-a", str(traddr))
+    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(traddr / "cntrl")}}
+    guest = boot_guest(qemu_binary=str(qemu_root.qemu_system), smp=2,
+                       extra_args=["-device", json.dumps(device)])
+    guest.wait_for_path("/dev/nvme0n2")
+    sizes = guest.block_device_sizes()
+    assert sizes["nvme0n1"] == 16 * MIB and sizes["nvme0n2"] == 32 * MIB
+    assert guest.read_sysfs("/sys/block/nvme0n1/queue/logical_block_size") == "512"
+    assert guest.read_sysfs("/sys/block/nvme0n2/queue/logical_block_size") == "4096"
+    # O_DIRECT from each vCPU (each has its own I/O queue pair), 128 KiB requests: PRP lists.
+    for cpu in (0, 1):
+        for disk in ("/dev/nvme0n1", "/dev/nvme0n2"):
+            guest.check("taskset -c %d %s" % (cpu, pattern_command(
+                "write", SEED + cpu, disk, (1 + cpu) * 4 * MIB, 2 * MIB, direct=True,
+                chunk_bytes=128 * 1024)))
+    for cpu in (0, 1):
+        for disk in ("/dev/nvme0n1", "/dev/nvme0n2"):
+            guest.check_pattern(disk, SEED + cpu, (1 + cpu) * 4 * MIB, 2 * MIB, direct=True,
+                                chunk_bytes=4096)
+    # a 512-byte write in the middle of a page (PRP1 with an offset) and a flush
+    guest.check(pattern_command("write", SEED + 5, "/dev/nvme0n1", 512 * 7, 512, direct=True, sync=True))
+    guest.check_pattern("/dev/nvme0n1", SEED + 5, 512 * 7, 512, direct=True)
+    # deallocate (Dataset Management) through the guest's block layer
+    guest.check("blkdiscard -o 0 -l 1048576 /dev/nvme0n2")
+    assert guest.poweroff() == 0
+    for cpu in (0, 1):
+        guest_image.patterns.check_file(image, SEED + cpu, (1 + cpu) * 4 * MIB, 2 * MIB)
+    guest_image.patterns.check_file(image, "zero", 0, MIB)
+    stat = {b["name"]: b for b in d.spdk("bdev_get_iostat")["bdevs"]}
+    print({name: {k: stat[name][k] for k in ("num_read_ops", "num_write_ops", "num_unmap_ops")}
+           for name in stat})
+    assert stat["File0"]["bytes_written"] >= 4 * MIB and stat["File0"]["num_unmap_ops"] >= 1

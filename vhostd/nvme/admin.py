@@ -131,6 +131,13 @@ class AdminCommands:
         self.features[Feature.NUMBER_OF_QUEUES] = granted | granted << 16
         self.held_aers: list[int] = []
 
+    def reset_queue_effects(self, effects: list) -> None:
+        """Undo the bookkeeping of queue creations the data plane could not carry out."""
+        for effect in effects:
+            if isinstance(effect, CreateQueue):
+                table = self.cqs if effect.kind == "cq" else self.sqs
+                table.pop(effect.config.qid, None)
+
     def execute(self, sub: Submission) -> AdminResult:
         handler = self._handlers.get(sub.opcode)
         if handler is None:

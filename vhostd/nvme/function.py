@@ -5,6 +5,11 @@ page at 0x1000, which lives in a memfd that the client maps (the one sparse-mmap
 guest's doorbell stores land in memory the controller reads; doorbell writes that QEMU traps anyway
 (firmware, INTx emulation) are stored in the same page.  BAR4 holds the MSI-X table and BAR5 the
 PBA; QEMU emulates the table itself, so they read as zeros here.
+
+The I/O queues are served on a reactor (ext/nvme.pxi's ``NvmeController``): the admin queue
+creates and deletes them in the controller's slots, and the connection takes the controller off
+its reactor (``pause``) before anything the reactor reads changes under it (DMA windows, interrupt
+fds, reset) and puts it back after (``sync_data_plane``).
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ import struct
 from errno import EINVAL
 from typing import Any, Protocol
 
+from .. import _dataplane as dp
 from ..vfio_user.memory import MemoryAccessError
 from ..vfio_user.protocol import CommandError, PciIrq, PciRegion, RegionFlag, SparseArea
 from ..vfio_user.session import RegionDescription
 from . import identify as ident
 from . import registers as r
 from . import status as st
-from .admin import AdminCommands
+from .admin import AdminCommands, CreateQueue, DeleteQueue
 from .command import CQE_SIZE, SQE_SIZE, Completion, Submission
 from .pci import BarLayout, ConfigSpace, PciIdentity
 from .prp import DataPointerError, prp_segments
@@ -55,8 +61,15 @@ class NvmeFunction:
     def __init__(self, name: str, caps: r.Capabilities = r.Capabilities(),
                  identity: PciIdentity = PciIdentity(), bars: BarLayout = BarLayout(),
                  mappable_bar0: bool = True,
-                 info: ident.ControllerInfo = ident.ControllerInfo()) -> None:
+                 info: ident.ControllerInfo = ident.ControllerInfo(),
+                 reactors: Any = None) -> None:
         self.name = name
+        self.info = info
+        self.reactors = reactors              # vhostd.dataplane.ReactorSet, or None: no I/O queues
+        self.io: dp.NvmeController | None = None
+        self._io_reactor: Any = None          # the reactor polling self.io, or None
+        self._io_fds: tuple = ()
+        self.disks: dict[int, Any] = {}       # nsid → the bdev's data-plane Disk
         self.bars = bars
         self.registers = r.ControllerRegisters(caps)
         self.config = ConfigSpace(identity, bars)
@@ -77,9 +90,12 @@ class NvmeFunction:
             self._bar0_map = None
             self.doorbells = memoryview(bytearray(DOORBELL_PAGE_SIZE))
 
-    def set_namespaces(self, namespaces: dict[int, ident.NamespaceInfo]) -> None:
-        """The namespaces Identify reports from now on (NSID → geometry and identifiers)."""
+    def set_namespaces(self, namespaces: dict[int, ident.NamespaceInfo],
+                       disks: dict[int, Any] | None = None) -> None:
+        """The namespaces Identify reports from now on (NSID → geometry and identifiers) and the
+        disks the I/O queues serve them from (taken at the next controller enable)."""
         self.admin.namespaces = dict(namespaces)
+        self.disks = dict(disks or {})
 
     # -- vfio-user DeviceModel ----------------------------------------------------------------
     def region(self, index: int) -> RegionDescription:
@@ -154,6 +170,7 @@ class NvmeFunction:
                 return
             self.admin_sq = SubmissionQueue(0, admin.sq_addr, admin.sq_entries)
             self.admin_cq = CompletionQueue(0, admin.cq_addr, admin.cq_entries)
+            self._start_io(memory)
             self.registers.report_ready()
         elif isinstance(event, r.Disable):
             self._drop_queues()
@@ -161,7 +178,79 @@ class NvmeFunction:
         elif isinstance(event, r.Shutdown):
             self.registers.report_shutdown_complete()
 
+    def _start_io(self, memory: GuestMemory) -> None:
+        guest = getattr(memory, "guest", None)
+        if self.reactors is None or guest is None:
+            return
+        self._drop_io()
+        self.io = dp.NvmeController(guest, self.doorbells, PAGE_SIZE << self.info.mdts)
+        for nsid, disk in self.disks.items():
+            self.io.set_namespace(nsid, disk)
+
+    def _drop_io(self) -> None:
+        """Forget the I/O queues' controller (it is off its reactor: see pause)."""
+        if self.io is not None:
+            if self._io_reactor is not None:
+                raise RuntimeError("%s: I/O queues dropped while a reactor polls them" % self.name)
+            self.io.release()
+            self.io = None
+            self._io_fds = ()
+
+    def _irq_fd_list(self, irq_fds: dict[int, list[int | None]]) -> tuple:
+        if self.config.msix_enabled:
+            return tuple(irq_fds.get(PciIrq.MSIX, []))
+        if not self.config.intx_disabled:
+            return tuple(irq_fds.get(PciIrq.INTX, [])[:1])
+        return ()
+
+    async def pause(self) -> None:
+        """Take the I/O queues off their reactor (in-flight commands finish first)."""
+        reactor, self._io_reactor = self._io_reactor, None
+        if reactor is None or self.io is None:
+            return
+        await self.reactors.wait(reactor, reactor.post_remove_queue(self.io.queue))
+        reactor.forget_queue(self.io.queue)
+        self.reactors.placed(reactor, -1)
+
+    async def sync_data_plane(self, irq_fds: dict[int, list[int | None]]) -> None:
+        """Put the I/O queues on a reactor while the controller is ready (interrupt fds as the
+        client set them), and off it when it is not."""
+        io = self.io
+        if io is not None and io.fatal and not self.registers.fatal:
+            log.warning("%s: an I/O queue doorbell was impossible: controller fatal status", self.name)
+            self.registers.report_fatal("impossible I/O queue doorbell")
+        wanted = io is not None and self.registers.ready and not self.registers.fatal
+        fds = self._irq_fd_list(irq_fds) if wanted else ()
+        if self._io_reactor is not None and (not wanted or fds != self._io_fds):
+            await self.pause()
+        if not wanted or self._io_reactor is not None:
+            return
+        io.set_irq_fds(list(fds))
+        self._io_fds = fds
+        reactor = self.reactors.least_loaded()
+        self._io_reactor = reactor
+        self.reactors.placed(reactor, 1)
+        await self.reactors.wait(reactor, reactor.post_add_queue(io.queue))
+
+    def _apply_queue_effects(self, effects: list) -> None:
+        io = self.io
+        if io is None:
+            return
+        for effect in effects:
+            if isinstance(effect, CreateQueue):
+                q = effect.config
+                if effect.kind == "cq":
+                    io.create_cq(q.qid, q.addr, q.entries, q.vector, q.interrupts)
+                else:
+                    io.create_sq(q.qid, q.addr, q.entries, q.cqid)
+            elif isinstance(effect, DeleteQueue):
+                if effect.kind == "cq":
+                    io.delete_cq(effect.qid)
+                else:
+                    io.delete_sq(effect.qid)
+
     def _drop_queues(self) -> None:
+        self._drop_io()
         self.admin_sq = self.admin_cq = None
         self.admin.reset()
         self.doorbells[:] = bytes(DOORBELL_PAGE_SIZE)
@@ -232,6 +321,13 @@ class NvmeFunction:
         if result.held:
             return None
         status = result.status
+        if result.effects:
+            try:
+                self._apply_queue_effects(result.effects)
+            except ValueError as exc:              # memory went away since the admin check
+                log.warning("%s: %s", self.name, exc)
+                self.admin.reset_queue_effects(result.effects)
+                status = st.DATA_TRANSFER_ERROR
         if result.data is not None and status.ok:
             try:
                 offset = 0
@@ -262,6 +358,7 @@ class NvmeFunction:
 
     def close(self) -> None:
         """Release the BAR0 memory (the controller is deleted)."""
+        self._drop_io()
         self.doorbells.release()
         if self._bar0_map is not None:
             self._bar0_map.close()

@@ -91,14 +91,19 @@ class Subsystem:
     def namespace_infos(self) -> dict[int, NamespaceInfo]:
         return {nsid: ns.info() for nsid, ns in sorted(self.namespaces.items())}
 
+    def namespace_disks(self) -> dict[int, Any]:
+        return {nsid: ns.bdev.disk for nsid, ns in self.namespaces.items()
+                if getattr(ns.bdev, "disk", None) is not None}
+
 
 class NvmfTarget:
     """Every transport and subsystem of the daemon."""
 
     def __init__(self, socket_mode: int = 0o600,
-                 find_bdev: Callable[[str], Any] | None = None) -> None:
+                 find_bdev: Callable[[str], Any] | None = None, reactors: Any = None) -> None:
         self.socket_mode = socket_mode
         self.find_bdev = find_bdev
+        self.reactors = reactors
         self.transports: dict[str, Transport] = {}
         self.subsystems: dict[str, Subsystem] = {}
 
@@ -192,9 +197,9 @@ class NvmfTarget:
 
     @staticmethod
     def _publish_namespaces(subsystem: Subsystem) -> None:
-        infos = subsystem.namespace_infos()
+        infos, disks = subsystem.namespace_infos(), subsystem.namespace_disks()
         for listener in subsystem.listeners:
-            listener.function.set_namespaces(infos)
+            listener.function.set_namespaces(infos, disks)
 
     async def add_listener(self, nqn: str, trtype: str, traddr: str) -> Listener:
         subsystem = self.subsystem(nqn)
@@ -211,8 +216,8 @@ class NvmfTarget:
         info = ControllerInfo(serial=subsystem.serial_number, model=subsystem.model_number,
                               controller_id=subsystem.min_cntlid, subnqn=nqn,
                               max_namespaces=subsystem.nsid_limit)
-        function = NvmeFunction(directory.name or nqn, info=info)
-        function.set_namespaces(subsystem.namespace_infos())
+        function = NvmeFunction(directory.name or nqn, info=info, reactors=self.reactors)
+        function.set_namespaces(subsystem.namespace_infos(), subsystem.namespace_disks())
         endpoint = Endpoint(directory / SOCKET_NAME, function, self.socket_mode)
         try:
             await endpoint.start()
