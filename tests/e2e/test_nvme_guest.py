@@ -1,8 +1,8 @@
 """A real Linux guest (TCG) in QEMU 11.1 probes vhostd's NVMe controller over vfio-user: the stock
 nvme driver enables it, identifies it, and creates one I/O queue pair per vCPU, from an in-process
-endpoint and from a daemon configured with SPDK's spdk-rpc.  No namespaces yet: the controller is
-/dev/nvme0 without disks; then namespaces from bdevs (512 and 4096-byte blocks) that the guest does
-O_DIRECT I/O on through the reactors."""
+endpoint and from a daemon configured with SPDK's spdk-rpc (without namespaces: /dev/nvme0 alone);
+then a daemon's namespaces from bdevs (512 and 4096-byte blocks) that the guest does O_DIRECT I/O
+on, served by the reactors."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def test_identify_controller_fields_linux_reads(commands):
     assert data[111] == 1 and data[512] == 0x66 and data[513] == 0x44
     assert struct.unpack_from("<I", data, 516)[0] == 32
     assert struct.unpack_from("<H", data, 520)[0] & ident.ONCS_DSM
-    assert data[525] & ident.VWC_PRESENT
+    assert data[525] == ident.VWC_PRESENT | ident.VWC_NO_BROADCAST_FLUSH
 
 
 def test_identify_namespace_size_and_block_size(commands):
