@@ -164,3 +164,33 @@ def test_linux_does_direct_io_on_namespaces_of_512_and_4096_byte_blocks(qemu_roo
     print({name: {k: stat[name][k] for k in ("num_read_ops", "num_write_ops", "num_unmap_ops")}
            for name in stat})
     assert stat["File0"]["bytes_written"] >= 4 * MIB and stat["File0"]["num_unmap_ops"] >= 1
+
+
+def test_io_carries_on_across_a_guest_reboot_and_a_killed_qemu(qemu_root, boot_guest, vhostd):
+    # The reboot deletes the I/O queues, resets the controller and remaps low memory while the
+    # controller's I/O queues sit on a reactor; the kill drops the client with them in place.
+    d = vhostd()
+    traddr = d.socket_dir / "vfu0"
+    traddr.mkdir()
+    nqn = "nqn.2016-06.io.spdk:vfu0"
+    d.spdk("bdev_malloc_create", "-b", "Malloc0", "16", "4096")
+    d.spdk("nvmf_create_transport", "-t", "VFIOUSER")
+    d.spdk("nvmf_create_subsystem", nqn, "-a")
+    d.spdk("nvmf_subsystem_add_ns", nqn, "Malloc0")
+    d.spdk("nvmf_subsystem_add_listener", nqn, "-t", "VFIOUSER", "-a", str(traddr))
+    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(traddr / "cntrl")}}
+    args = ["-device", json.dumps(device)]
+    first = boot_guest(qemu_binary=str(qemu_root.qemu_system), smp=2, reboot_resets=True, extra_args=args)
+    first.wait_for_path("/dev/nvme0n1")
+    first.write_pattern("/dev/nvme0n1", SEED, 0, MIB, direct=True, chunk_bytes=64 * 1024)
+    print("guest rebooted in %.1f s" % first.reboot())
+    first.wait_for_path("/dev/nvme0n1")
+    first.check_pattern("/dev/nvme0n1", SEED, 0, MIB, direct=True)
+    first.write_pattern("/dev/nvme0n1", SEED + 1, 2 * MIB, MIB, direct=True)
+    first.kill()
+    second = boot_guest(qemu_binary=str(qemu_root.qemu_system), extra_args=args)
+    second.wait_for_path("/dev/nvme0n1")
+    second.check_pattern("/dev/nvme0n1", SEED, 0, MIB, direct=True)
+    second.check_pattern("/dev/nvme0n1", SEED + 1, 2 * MIB, MIB, direct=True)
+    assert second.poweroff() == 0
+    assert d.rpc("spdk_get_version") is not None           # the daemon is still serving
