@@ -417,6 +417,10 @@ cdef class NvmeController:
         disk.attach_channel(&ns.stats, self)
         self.disks[nsid] = disk
 
+    def namespace_disk(self, uint32_t nsid):
+        """The Disk served as ``nsid``, or None."""
+        return self.disks.get(nsid)
+
     def set_irq_fds(self, fds):
         """The eventfd of each interrupt vector (None or -1: none).  Only while off its reactor."""
         cdef int i

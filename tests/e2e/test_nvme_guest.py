@@ -194,3 +194,30 @@ def test_io_carries_on_across_a_guest_reboot_and_a_killed_qemu(qemu_root, boot_g
     second.check_pattern("/dev/nvme0n1", SEED + 1, 2 * MIB, MIB, direct=True)
     assert second.poweroff() == 0
     assert d.rpc("spdk_get_version") is not None           # the daemon is still serving
+
+
+def test_a_namespace_added_and_removed_under_a_running_guest_appears_and_disappears(
+        qemu_root, boot_guest, vhostd):
+    d = vhostd()
+    traddr = d.socket_dir / "vfu0"
+    traddr.mkdir()
+    nqn = "nqn.2016-06.io.spdk:vfu0"
+    d.spdk("bdev_malloc_create", "-b", "Malloc0", "8", "512")
+    d.spdk("bdev_malloc_create", "-b", "Malloc1", "12", "4096")
+    d.spdk("nvmf_create_transport", "-t", "VFIOUSER")
+    d.spdk("nvmf_create_subsystem", nqn, "-a")
+    d.spdk("nvmf_subsystem_add_ns", nqn, "Malloc0")
+    d.spdk("nvmf_subsystem_add_listener", nqn, "-t", "VFIOUSER", "-a", str(traddr))
+    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(traddr / "cntrl")}}
+    guest = boot_guest(qemu_binary=str(qemu_root.qemu_system), extra_args=["-device", json.dumps(device)])
+    guest.wait_for_path("/dev/nvme0n1")
+    # The AEN (namespace attribute changed) makes the driver read log 04 and rescan by itself.
+    d.spdk("nvmf_subsystem_add_ns", nqn, "Malloc1")
+    guest.wait_for_path("/dev/nvme0n2")
+    assert guest.block_device_sizes()["nvme0n2"] == 12 * MIB
+    guest.write_pattern("/dev/nvme0n2", SEED, MIB, 2 * MIB, direct=True, chunk_bytes=64 * 1024)
+    guest.check_pattern("/dev/nvme0n2", SEED, MIB, 2 * MIB, direct=True)
+    d.spdk("nvmf_subsystem_remove_ns", nqn, "2")
+    guest.wait_for_no_path("/dev/nvme0n2")
+    guest.check_pattern("/dev/nvme0n1", "zero", 0, MIB, direct=True)
+    assert guest.poweroff() == 0

@@ -40,6 +40,7 @@ DOORBELL_PAGE_SIZE = 0x1000
 READ_WRITE = RegionFlag.READ | RegionFlag.WRITE
 PAGE_SIZE = 4096
 MAX_IO_QUEUES = 31
+MAX_NAMESPACES = 32          # the data plane's NSIDs (NVME_MAX_NS)
 
 
 class GuestMemory(Protocol):
@@ -70,6 +71,7 @@ class NvmeFunction:
         self._io_reactor: Any = None          # the reactor polling self.io, or None
         self._io_fds: tuple = ()
         self.disks: dict[int, Any] = {}       # nsid → the bdev's data-plane Disk
+        self._namespaces_stale = False        # self.io serves other namespaces than self.disks
         self.bars = bars
         self.registers = r.ControllerRegisters(caps)
         self.config = ConfigSpace(identity, bars)
@@ -94,8 +96,14 @@ class NvmeFunction:
                        disks: dict[int, Any] | None = None) -> None:
         """The namespaces Identify reports from now on (NSID → geometry and identifiers) and the
         disks the I/O queues serve them from (taken at the next controller enable)."""
+        before = self.admin.namespaces
+        changed = {nsid for nsid in set(before) | set(namespaces)
+                   if before.get(nsid) != namespaces.get(nsid)}
         self.admin.namespaces = dict(namespaces)
         self.disks = dict(disks or {})
+        if changed and self.registers.ready:
+            self.admin.namespaces_changed(changed)
+            self._namespaces_stale = True
 
     # -- vfio-user DeviceModel ----------------------------------------------------------------
     def region(self, index: int) -> RegionDescription:
@@ -221,10 +229,16 @@ class NvmeFunction:
             self.registers.report_fatal("impossible I/O queue doorbell")
         wanted = io is not None and self.registers.ready and not self.registers.fatal
         fds = self._irq_fd_list(irq_fds) if wanted else ()
-        if self._io_reactor is not None and (not wanted or fds != self._io_fds):
+        stale = self._namespaces_stale and io is not None
+        if self._io_reactor is not None and (not wanted or fds != self._io_fds or stale):
             await self.pause()
         if not wanted or self._io_reactor is not None:
             return
+        if stale:
+            for nsid in range(1, MAX_NAMESPACES + 1):
+                if self.disks.get(nsid) is not io.namespace_disk(nsid):
+                    io.set_namespace(nsid, self.disks.get(nsid))
+            self._namespaces_stale = False
         io.set_irq_fds(list(fds))
         self._io_fds = fds
         reactor = self.reactors.least_loaded()
@@ -302,19 +316,33 @@ class NvmeFunction:
             completion = self._run_admin(sub, memory)
             if completion is None:
                 continue                     # held (an Asynchronous Event Request)
-            address, phase = cq.push()
-            entry = Completion(sub.cid, completion.status, completion.dw0, sq.head, 0).encode(phase)
-            try:
-                # DW0–DW2 first, then DW3 with the phase tag: the host never sees half an entry.
-                memory.write(address, entry[:12])
-                memory.write(address + 12, entry[12:])
-            except MemoryAccessError as exc:
-                self.registers.report_fatal("admin CQ unwritable: %s" % exc)
+            if not self._post_admin(memory, Completion(sub.cid, completion.status, completion.dw0,
+                                                       sq.head, 0)):
+                return done
+            done += 1
+        while not cq.full():                 # events complete held AERs
+            event = self.admin.take_event()
+            if event is None:
+                break
+            if not self._post_admin(memory, Completion(event[0], st.SUCCESS, event[1], sq.head, 0)):
                 return done
             done += 1
         if done:
             signal(cq.vector)
         return done
+
+    def _post_admin(self, memory: GuestMemory, completion: Completion) -> bool:
+        """Post on the admin CQ; False (controller fatal) if its memory went away."""
+        address, phase = self.admin_cq.push()
+        entry = completion.encode(phase)
+        try:
+            # DW0–DW2 first, then DW3 with the phase tag: the host never sees half an entry.
+            memory.write(address, entry[:12])
+            memory.write(address + 12, entry[12:])
+        except MemoryAccessError as exc:
+            self.registers.report_fatal("admin CQ unwritable: %s" % exc)
+            return False
+        return True
 
     def _run_admin(self, sub: Submission, memory: GuestMemory) -> Completion | None:
         result = self.admin.execute(sub)
