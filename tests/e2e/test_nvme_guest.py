@@ -117,25 +117,33 @@ def test_a_new_qemu_is_served_after_one_is_killed(qemu_root, boot_guest, nvme_en
 
 MIB = 1 << 20
 SEED = 7
+NQN = "nqn.2016-06.io.spdk:vfu0"
+
+
+def serve_namespaces(vhostd, bdevs, namespaces, serial="SN0002"):
+    """A daemon whose subsystem NQN has the bdevs (spdk-rpc argument lists) named in namespaces
+    as its namespaces, listening in <socket_dir>/vfu0; returns it and QEMU's -device arguments."""
+    d = vhostd()
+    traddr = d.socket_dir / "vfu0"
+    traddr.mkdir()
+    for args in bdevs:
+        d.spdk(*args)
+    d.spdk("nvmf_create_transport", "-t", "VFIOUSER")
+    d.spdk("nvmf_create_subsystem", NQN, "-a", "-s", serial, "-d", "vhostd NVMe")
+    for name in namespaces:
+        d.spdk("nvmf_subsystem_add_ns", NQN, name)
+    d.spdk("nvmf_subsystem_add_listener", NQN, "-t", "VFIOUSER", "-a", str(traddr))
+    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(traddr / "cntrl")}}
+    return d, ["-device", json.dumps(device)]
 
 
 def test_linux_does_direct_io_on_namespaces_of_512_and_4096_byte_blocks(qemu_root, boot_guest, vhostd,
                                                                          guest_image, sparse_file):
     image = sparse_file(32 * MIB)
-    d = vhostd()
-    traddr = d.socket_dir / "vfu0"
-    traddr.mkdir()
-    nqn = "nqn.2016-06.io.spdk:vfu0"
-    d.spdk("bdev_malloc_create", "-b", "Malloc0", "16", "512")
-    d.spdk("bdev_aio_create", str(image), "File0", "4096")
-    d.spdk("nvmf_create_transport", "-t", "VFIOUSER")
-    d.spdk("nvmf_create_subsystem", nqn, "-a", "-s", "SN0002", "-d", "vhostd NVMe")
-    d.spdk("nvmf_subsystem_add_ns", nqn, "Malloc0")
-    d.spdk("nvmf_subsystem_add_ns", nqn, "File0")
-    d.spdk("nvmf_subsystem_add_listener", nqn, "-t", "VFIOUSER", "-a", str(traddr))
-    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(traddr / "cntrl")}}
-    guest = boot_guest(qemu_binary=str(qemu_root.qemu_system), smp=2,
-                       extra_args=["-device", json.dumps(device)])
+    d, args = serve_namespaces(vhostd, [("bdev_malloc_create", "-b", "Malloc0", "16", "512"),
+                                        ("bdev_aio_create", str(image), "File0", "4096")],
+                               ["Malloc0", "File0"])
+    guest = boot_guest(qemu_binary=str(qemu_root.qemu_system), smp=2, extra_args=args)
     guest.wait_for_path("/dev/nvme0n2")
     sizes = guest.block_device_sizes()
     assert sizes["nvme0n1"] == 16 * MIB and sizes["nvme0n2"] == 32 * MIB
@@ -169,17 +177,8 @@ def test_linux_does_direct_io_on_namespaces_of_512_and_4096_byte_blocks(qemu_roo
 def test_io_carries_on_across_a_guest_reboot_and_a_killed_qemu(qemu_root, boot_guest, vhostd):
     # The reboot deletes the I/O queues, resets the controller and remaps low memory while the
     # controller's I/O queues sit on a reactor; the kill drops the client with them in place.
-    d = vhostd()
-    traddr = d.socket_dir / "vfu0"
-    traddr.mkdir()
-    nqn = "nqn.2016-06.io.spdk:vfu0"
-    d.spdk("bdev_malloc_create", "-b", "Malloc0", "16", "4096")
-    d.spdk("nvmf_create_transport", "-t", "VFIOUSER")
-    d.spdk("nvmf_create_subsystem", nqn, "-a")
-    d.spdk("nvmf_subsystem_add_ns", nqn, "Malloc0")
-    d.spdk("nvmf_subsystem_add_listener", nqn, "-t", "VFIOUSER", "-a", str(traddr))
-    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(traddr / "cntrl")}}
-    args = ["-device", json.dumps(device)]
+    d, args = serve_namespaces(vhostd, [("bdev_malloc_create", "-b", "Malloc0", "16", "4096")],
+                               ["Malloc0"])
     first = boot_guest(qemu_binary=str(qemu_root.qemu_system), smp=2, reboot_resets=True, extra_args=args)
     first.wait_for_path("/dev/nvme0n1")
     first.write_pattern("/dev/nvme0n1", SEED, 0, MIB, direct=True, chunk_bytes=64 * 1024)
@@ -198,26 +197,18 @@ def test_io_carries_on_across_a_guest_reboot_and_a_killed_qemu(qemu_root, boot_g
 
 def test_a_namespace_added_and_removed_under_a_running_guest_appears_and_disappears(
         qemu_root, boot_guest, vhostd):
-    d = vhostd()
-    traddr = d.socket_dir / "vfu0"
-    traddr.mkdir()
-    nqn = "nqn.2016-06.io.spdk:vfu0"
-    d.spdk("bdev_malloc_create", "-b", "Malloc0", "8", "512")
-    d.spdk("bdev_malloc_create", "-b", "Malloc1", "12", "4096")
-    d.spdk("nvmf_create_transport", "-t", "VFIOUSER")
-    d.spdk("nvmf_create_subsystem", nqn, "-a")
-    d.spdk("nvmf_subsystem_add_ns", nqn, "Malloc0")
-    d.spdk("nvmf_subsystem_add_listener", nqn, "-t", "VFIOUSER", "-a", str(traddr))
-    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(traddr / "cntrl")}}
-    guest = boot_guest(qemu_binary=str(qemu_root.qemu_system), extra_args=["-device", json.dumps(device)])
+    d, args = serve_namespaces(vhostd, [("bdev_malloc_create", "-b", "Malloc0", "8", "512"),
+                                        ("bdev_malloc_create", "-b", "Malloc1", "12", "4096")],
+                               ["Malloc0"])
+    guest = boot_guest(qemu_binary=str(qemu_root.qemu_system), extra_args=args)
     guest.wait_for_path("/dev/nvme0n1")
     # The AEN (namespace attribute changed) makes the driver read log 04 and rescan by itself.
-    d.spdk("nvmf_subsystem_add_ns", nqn, "Malloc1")
+    d.spdk("nvmf_subsystem_add_ns", NQN, "Malloc1")
     guest.wait_for_path("/dev/nvme0n2")
     assert guest.block_device_sizes()["nvme0n2"] == 12 * MIB
     guest.write_pattern("/dev/nvme0n2", SEED, MIB, 2 * MIB, direct=True, chunk_bytes=64 * 1024)
     guest.check_pattern("/dev/nvme0n2", SEED, MIB, 2 * MIB, direct=True)
-    d.spdk("nvmf_subsystem_remove_ns", nqn, "2")
+    d.spdk("nvmf_subsystem_remove_ns", NQN, "2")
     guest.wait_for_no_path("/dev/nvme0n2")
     guest.check_pattern("/dev/nvme0n1", "zero", 0, MIB, direct=True)
     assert guest.poweroff() == 0
