@@ -223,6 +223,17 @@ def enable_controller(peer):
         assert peer.call(Command.REGION_WRITE, access.encode())[0][4] == 0
 
 
+def wait_fatal(peer, timeout_s=5.0):
+    """The daemon notices on its next poll: wait for the controller fatal status."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _, csts, _ = peer.call(Command.REGION_READ, p.RegionAccess(r.Reg.CSTS, PciRegion.BAR0, 4).encode())
+        if struct.unpack("<I", p.RegionAccess.decode(csts).data)[0] & r.CSTS_CFS:
+            return
+        assert time.monotonic() < deadline, "no controller fatal status"
+        time.sleep(0.01)
+
+
 def _dma_beyond_fd_and_overlapping(peer):
     peer.negotiate()
     small = memfd(4096)
@@ -261,13 +272,7 @@ def _unmap_in_use_and_hostile_doorbells(peer):
                                      p.RegionInfo(PciRegion.BAR0, 0, 0, 0, argsz=64).encode())
     doorbells = mmap.mmap(fds[0], 0x1000, offset=0x1000)
     doorbells[0:4] = struct.pack("<I", 0xFFFF)
-    deadline = time.monotonic() + 5
-    while True:                  # the daemon notices on its next poll: controller fatal status
-        _, csts, _ = peer.call(Command.REGION_READ, p.RegionAccess(r.Reg.CSTS, PciRegion.BAR0, 4).encode())
-        if struct.unpack("<I", p.RegionAccess.decode(csts).data)[0] & r.CSTS_CFS:
-            break
-        assert time.monotonic() < deadline, "no controller fatal status"
-        time.sleep(0.01)
+    wait_fatal(peer)
     doorbells.close()
     os.close(fds[0])
     assert peer.call(Command.DMA_UNMAP, p.DmaUnmap(0, 0, 2 * MB).encode())[0][4] == 0
@@ -323,13 +328,7 @@ def _hostile_io_commands_and_an_impossible_io_doorbell(peer):
         10: (0, 0x04), 11: (0, 0x13), 12: (0, 0x0B), 13: (0, 0x04), 14: (0, 0x80), 15: (0, 0x01),
         16: (0, 0x00)}
     doorbells[8:12] = struct.pack("<I", 100)                                # beyond 16 entries
-    deadline = time.monotonic() + 5
-    while True:
-        _, csts, _ = peer.call(Command.REGION_READ, p.RegionAccess(r.Reg.CSTS, PciRegion.BAR0, 4).encode())
-        if struct.unpack("<I", p.RegionAccess.decode(csts).data)[0] & r.CSTS_CFS:
-            break
-        assert time.monotonic() < deadline, "no controller fatal status"
-        time.sleep(0.01)
+    wait_fatal(peer)
     doorbells.close()
     os.close(fds[0])
     ram.close()
