@@ -22,5 +22,6 @@ include "blk.pxi"
 include "reactor.pxi"
 include "scsi.pxi"
 include "initiator.pxi"
+include "nvme.pxi"
 
 tick_rate()

@@ -654,3 +654,81 @@ cdef struct vdrv_load_t:
     vdrv_load_io_t *ios      # nqueues * qd
     vdrv_load_io_t *pending  # could not be submitted (ring full), retried after the next poll
     vdrv_load_result_t res
+
+
+# ---------------------------------------------------------------------------------------------
+# NVMe controller I/O queues (vfio-user): one controller is one entry of a reactor's queue list,
+# whose service polls every I/O submission queue of the controller.  Code in nvme.pxi.
+# ---------------------------------------------------------------------------------------------
+cdef enum:
+    NVME_MAX_QUEUES = 32         # queue ids 1..31 (0, the admin queue, stays on the control plane)
+    NVME_MAX_NS = 32             # NSIDs 1..32
+    NVME_MAX_VECTORS = 64
+    NVME_PAGE = 4096
+    NVME_MAX_IOV = 160           # PRP pages of one command (MDTS 512 KiB: 129) and region splits
+    NVME_MAX_DSM_RANGES = 256
+
+cdef struct nvme_ns_t:
+    bdev_t *bdev             # NULL: inactive NSID
+    uint32_t lbads           # log2 of the block size
+    uint64_t num_blocks
+    io_stats_t stats         # this controller's channel on the bdev
+
+cdef struct nvme_cq_t:
+    uint8_t *ring            # host pointer of entry 0 (checked once at creation)
+    uint32_t active
+    uint16_t size
+    uint16_t head            # as the host last rang it
+    uint16_t tail            # next slot we post
+    uint16_t vector
+    uint8_t phase
+    uint8_t ien
+    uint32_t reserved        # commands fetched for this CQ and not yet posted
+    uint32_t irq_pending     # entries posted since the last interrupt
+
+cdef struct nvme_sq_t
+cdef struct nvme_ctrl_t
+
+cdef struct nvme_req_t:
+    bdev_io_t io             # first member: the bdev callback gets &io
+    nvme_sq_t *sq
+    uint32_t generation      # the SQ's generation at fetch (a re-created queue drops old ones)
+    uint16_t cid
+    uint16_t index           # in sq.reqs
+    uint16_t status          # SC | SCT << 8 | DNR << 14, 0 = success
+    uint8_t opcode
+    range_t *ranges          # Dataset Management: malloc()ed, freed at completion
+    iovec iov[NVME_MAX_IOV]
+
+cdef struct nvme_sq_t:
+    uint8_t *ring
+    uint32_t active
+    uint32_t generation
+    uint16_t qid
+    uint16_t size
+    uint16_t head            # next entry we fetch
+    uint16_t cqid
+    uint32_t outstanding
+    nvme_ctrl_t *ctrl
+    nvme_req_t *reqs         # capacity entries, allocated at first creation
+    uint16_t *free_reqs      # stack of free indexes
+    uint32_t nfree
+    uint32_t capacity
+
+cdef struct nvme_stats_t:
+    uint64_t commands
+    uint64_t errors          # completions with a non-zero status
+    uint64_t bad_pointers    # PRPs outside guest memory or malformed
+    uint64_t interrupts
+    uint64_t dropped         # completions of deleted queues
+
+cdef struct nvme_ctrl_t:
+    guest_mem_t *mem
+    uint32_t *doorbells      # BAR0 + 0x1000: SQ y tail at [2y], CQ y head at [2y + 1] (DSTRD 0)
+    uint32_t fatal           # a hostile doorbell: the control plane reports CSTS.CFS
+    uint32_t max_transfer    # bytes (MDTS)
+    int irq_fds[NVME_MAX_VECTORS]
+    nvme_sq_t sqs[NVME_MAX_QUEUES]
+    nvme_cq_t cqs[NVME_MAX_QUEUES]
+    nvme_ns_t ns[NVME_MAX_NS + 1]
+    nvme_stats_t stats

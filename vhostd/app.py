@@ -76,7 +76,7 @@ class App:
                 raise StartupError("no group %r for --socket-group" % options.socket_group) from None
         self.vhost = VhostManager(options.socket_dir, self.reactors, self.bdevs.find,
                                   options.socket_mode, gid)
-        self.nvmf = NvmfTarget(options.socket_mode)
+        self.nvmf = NvmfTarget(options.socket_mode, self.bdevs.find, self.reactors)
         self.metrics = Metrics(self)
         self.dispatcher = Dispatcher(self, REGISTRY, self.metrics.observe_rpc)
         self.rpc = RpcServer(options.rpc_socket, self.dispatcher)

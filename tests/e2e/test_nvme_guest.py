@@ -1,7 +1,8 @@
 """A real Linux guest (TCG) in QEMU 11.1 probes vhostd's NVMe controller over vfio-user: the stock
 nvme driver enables it, identifies it, and creates one I/O queue pair per vCPU, from an in-process
-endpoint and from a daemon configured with SPDK's spdk-rpc.  No namespaces yet: the controller is
-/dev/nvme0 without disks."""
+endpoint and from a daemon configured with SPDK's spdk-rpc (without namespaces: /dev/nvme0 alone);
+then a daemon's namespaces from bdevs (512 and 4096-byte blocks) that the guest does O_DIRECT I/O
+on, served by the reactors."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import threading
 
 import pytest
 
+from guest import pattern_command
 from vhostd.nvme.function import NvmeFunction
 from vhostd.vfio_user.server import Endpoint
 
@@ -111,3 +113,102 @@ def test_a_new_qemu_is_served_after_one_is_killed(qemu_root, boot_guest, nvme_en
     assert second.read_sysfs("/sys/class/nvme/nvme0/state") == "live"
     assert nvme_endpoint.endpoint.clients_served == 2
     assert second.poweroff() == 0
+
+
+MIB = 1 << 20
+SEED = 7
+NQN = "nqn.2016-06.io.spdk:vfu0"
+
+
+def serve_namespaces(vhostd, bdevs, namespaces, serial="SN0002"):
+    """A daemon whose subsystem NQN has the bdevs (spdk-rpc argument lists) named in namespaces
+    as its namespaces, listening in <socket_dir>/vfu0; returns it and QEMU's -device arguments."""
+    d = vhostd()
+    traddr = d.socket_dir / "vfu0"
+    traddr.mkdir()
+    for args in bdevs:
+        d.spdk(*args)
+    d.spdk("nvmf_create_transport", "-t", "VFIOUSER")
+    d.spdk("nvmf_create_subsystem", NQN, "-a", "-s", serial, "-d", "vhostd NVMe")
+    for name in namespaces:
+        d.spdk("nvmf_subsystem_add_ns", NQN, name)
+    d.spdk("nvmf_subsystem_add_listener", NQN, "-t", "VFIOUSER", "-a", str(traddr))
+    device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(traddr / "cntrl")}}
+    return d, ["-device", json.dumps(device)]
+
+
+def test_linux_does_direct_io_on_namespaces_of_512_and_4096_byte_blocks(qemu_root, boot_guest, vhostd,
+                                                                         guest_image, sparse_file):
+    image = sparse_file(32 * MIB)
+    d, args = serve_namespaces(vhostd, [("bdev_malloc_create", "-b", "Malloc0", "16", "512"),
+                                        ("bdev_aio_create", str(image), "File0", "4096")],
+                               ["Malloc0", "File0"])
+    guest = boot_guest(qemu_binary=str(qemu_root.qemu_system), smp=2, extra_args=args)
+    guest.wait_for_path("/dev/nvme0n2")
+    sizes = guest.block_device_sizes()
+    assert sizes["nvme0n1"] == 16 * MIB and sizes["nvme0n2"] == 32 * MIB
+    assert guest.read_sysfs("/sys/block/nvme0n1/queue/logical_block_size") == "512"
+    assert guest.read_sysfs("/sys/block/nvme0n2/queue/logical_block_size") == "4096"
+    # O_DIRECT from each vCPU (each has its own I/O queue pair), 128 KiB requests: PRP lists.
+    for cpu in (0, 1):
+        for disk in ("/dev/nvme0n1", "/dev/nvme0n2"):
+            guest.check("taskset -c %d %s" % (cpu, pattern_command(
+                "write", SEED + cpu, disk, (1 + cpu) * 4 * MIB, 2 * MIB, direct=True,
+                chunk_bytes=128 * 1024)))
+    for cpu in (0, 1):
+        for disk in ("/dev/nvme0n1", "/dev/nvme0n2"):
+            guest.check_pattern(disk, SEED + cpu, (1 + cpu) * 4 * MIB, 2 * MIB, direct=True,
+                                chunk_bytes=4096)
+    # a 512-byte write in the middle of a page (PRP1 with an offset) and a flush
+    guest.check(pattern_command("write", SEED + 5, "/dev/nvme0n1", 512 * 7, 512, direct=True, sync=True))
+    guest.check_pattern("/dev/nvme0n1", SEED + 5, 512 * 7, 512, direct=True)
+    # deallocate (Dataset Management) through the guest's block layer
+    guest.check("blkdiscard -o 0 -l 1048576 /dev/nvme0n2")
+    assert guest.poweroff() == 0
+    for cpu in (0, 1):
+        guest_image.patterns.check_file(image, SEED + cpu, (1 + cpu) * 4 * MIB, 2 * MIB)
+    guest_image.patterns.check_file(image, "zero", 0, MIB)
+    stat = {b["name"]: b for b in d.spdk("bdev_get_iostat")["bdevs"]}
+    print({name: {k: stat[name][k] for k in ("num_read_ops", "num_write_ops", "num_unmap_ops")}
+           for name in stat})
+    assert stat["File0"]["bytes_written"] >= 4 * MIB and stat["File0"]["num_unmap_ops"] >= 1
+
+
+def test_io_carries_on_across_a_guest_reboot_and_a_killed_qemu(qemu_root, boot_guest, vhostd):
+    # The reboot deletes the I/O queues, resets the controller and remaps low memory while the
+    # controller's I/O queues sit on a reactor; the kill drops the client with them in place.
+    d, args = serve_namespaces(vhostd, [("bdev_malloc_create", "-b", "Malloc0", "16", "4096")],
+                               ["Malloc0"])
+    first = boot_guest(qemu_binary=str(qemu_root.qemu_system), smp=2, reboot_resets=True, extra_args=args)
+    first.wait_for_path("/dev/nvme0n1")
+    first.write_pattern("/dev/nvme0n1", SEED, 0, MIB, direct=True, chunk_bytes=64 * 1024)
+    print("guest rebooted in %.1f s" % first.reboot())
+    first.wait_for_path("/dev/nvme0n1")
+    first.check_pattern("/dev/nvme0n1", SEED, 0, MIB, direct=True)
+    first.write_pattern("/dev/nvme0n1", SEED + 1, 2 * MIB, MIB, direct=True)
+    first.kill()
+    second = boot_guest(qemu_binary=str(qemu_root.qemu_system), extra_args=args)
+    second.wait_for_path("/dev/nvme0n1")
+    second.check_pattern("/dev/nvme0n1", SEED, 0, MIB, direct=True)
+    second.check_pattern("/dev/nvme0n1", SEED + 1, 2 * MIB, MIB, direct=True)
+    assert second.poweroff() == 0
+    assert d.rpc("spdk_get_version") is not None           # the daemon is still serving
+
+
+def test_a_namespace_added_and_removed_under_a_running_guest_appears_and_disappears(
+        qemu_root, boot_guest, vhostd):
+    d, args = serve_namespaces(vhostd, [("bdev_malloc_create", "-b", "Malloc0", "8", "512"),
+                                        ("bdev_malloc_create", "-b", "Malloc1", "12", "4096")],
+                               ["Malloc0"])
+    guest = boot_guest(qemu_binary=str(qemu_root.qemu_system), extra_args=args)
+    guest.wait_for_path("/dev/nvme0n1")
+    # The AEN (namespace attribute changed) makes the driver read log 04 and rescan by itself.
+    d.spdk("nvmf_subsystem_add_ns", NQN, "Malloc1")
+    guest.wait_for_path("/dev/nvme0n2")
+    assert guest.block_device_sizes()["nvme0n2"] == 12 * MIB
+    guest.write_pattern("/dev/nvme0n2", SEED, MIB, 2 * MIB, direct=True, chunk_bytes=64 * 1024)
+    guest.check_pattern("/dev/nvme0n2", SEED, MIB, 2 * MIB, direct=True)
+    d.spdk("nvmf_subsystem_remove_ns", NQN, "2")
+    guest.wait_for_no_path("/dev/nvme0n2")
+    guest.check_pattern("/dev/nvme0n1", "zero", 0, MIB, direct=True)
+    assert guest.poweroff() == 0

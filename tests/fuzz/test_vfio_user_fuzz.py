@@ -169,10 +169,13 @@ def target(tmp_path_factory):
     dirs = {}
     try:
         daemon.rpc("nvmf_create_transport", trtype="VFIOUSER")
+        daemon.rpc("bdev_malloc_create", name="Hostile0", num_blocks=2048, block_size=512)
         for name in ("hostile", "good"):
             dirs[name] = daemon.socket_dir / name
             dirs[name].mkdir()
             daemon.rpc("nvmf_create_subsystem", nqn=NQN % name, allow_any_host=True)
+            if name == "hostile":
+                daemon.rpc("nvmf_subsystem_add_ns", nqn=NQN % name, namespace={"bdev_name": "Hostile0"})
             daemon.rpc("nvmf_subsystem_add_listener", nqn=NQN % name,
                        listen_address={"trtype": "VFIOUSER", "traddr": str(dirs[name])})
         t = Target(daemon, dirs["hostile"], dirs["good"])
@@ -220,6 +223,17 @@ def enable_controller(peer):
         assert peer.call(Command.REGION_WRITE, access.encode())[0][4] == 0
 
 
+def wait_fatal(peer, timeout_s=5.0):
+    """The daemon notices on its next poll: wait for the controller fatal status."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _, csts, _ = peer.call(Command.REGION_READ, p.RegionAccess(r.Reg.CSTS, PciRegion.BAR0, 4).encode())
+        if struct.unpack("<I", p.RegionAccess.decode(csts).data)[0] & r.CSTS_CFS:
+            return
+        assert time.monotonic() < deadline, "no controller fatal status"
+        time.sleep(0.01)
+
+
 def _dma_beyond_fd_and_overlapping(peer):
     peer.negotiate()
     small = memfd(4096)
@@ -258,19 +272,69 @@ def _unmap_in_use_and_hostile_doorbells(peer):
                                      p.RegionInfo(PciRegion.BAR0, 0, 0, 0, argsz=64).encode())
     doorbells = mmap.mmap(fds[0], 0x1000, offset=0x1000)
     doorbells[0:4] = struct.pack("<I", 0xFFFF)
-    deadline = time.monotonic() + 5
-    while True:                  # the daemon notices on its next poll: controller fatal status
-        _, csts, _ = peer.call(Command.REGION_READ, p.RegionAccess(r.Reg.CSTS, PciRegion.BAR0, 4).encode())
-        if struct.unpack("<I", p.RegionAccess.decode(csts).data)[0] & r.CSTS_CFS:
-            break
-        assert time.monotonic() < deadline, "no controller fatal status"
-        time.sleep(0.01)
+    wait_fatal(peer)
     doorbells.close()
     os.close(fds[0])
     assert peer.call(Command.DMA_UNMAP, p.DmaUnmap(0, 0, 2 * MB).encode())[0][4] == 0
     os.close(ram)
     reset = peer.call(Command.DEVICE_RESET)
     assert reset[0][4] == 0
+
+
+def _sqe(opcode, cid, nsid=0, prp1=0, prp2=0, cdw10=0, cdw11=0, cdw12=0):
+    return struct.pack("<BBHIQQQQIIIIII", opcode, 0, cid, nsid, 0, 0, prp1, prp2, cdw10, cdw11,
+                       cdw12, 0, 0, 0)
+
+
+def _wait_completions(ram, cq_addr, count, deadline_s=10.0):
+    """{cid: (SCT, SC)} of the first ``count`` entries of a CQ in its first phase."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        dw3s = [struct.unpack_from("<I", ram, cq_addr + 16 * i + 12)[0] for i in range(count)]
+        if all(dw3 >> 16 & 1 for dw3 in dw3s):
+            return {dw3 & 0xFFFF: (dw3 >> 25 & 7, dw3 >> 17 & 0xFF) for dw3 in dw3s}
+        assert time.monotonic() < deadline, "completions did not come: %r" % dw3s
+        time.sleep(0.01)
+
+
+def _hostile_io_commands_and_an_impossible_io_doorbell(peer):
+    """An I/O queue pair on the reactors: hostile PRPs, NSIDs and LBAs each get their NVMe
+    status and a good read still works; then an SQ tail beyond the queue is controller fatal."""
+    peer.negotiate()
+    fd = memfd(2 * MB)
+    assert peer.call(Command.DMA_MAP, p.DmaMap(3, 0, 0, 2 * MB).encode(), [fd])[0][4] == 0
+    ram = mmap.mmap(fd, 2 * MB)
+    enable_controller(peer)
+    _, _, fds = peer.call(Command.DEVICE_GET_REGION_INFO,
+                          p.RegionInfo(PciRegion.BAR0, 0, 0, 0, argsz=64).encode())
+    doorbells = mmap.mmap(fds[0], 0x1000, offset=0x1000)
+    ram[0x10000:0x10080] = _sqe(0x05, 1, prp1=0x30000, cdw10=1 | 15 << 16, cdw11=1) \
+        + _sqe(0x01, 2, prp1=0x40000, cdw10=1 | 15 << 16, cdw11=1 | 1 << 16)
+    doorbells[0:4] = struct.pack("<I", 2)
+    assert _wait_completions(ram, 0x20000, 2) == {1: (0, 0), 2: (0, 0)}
+    ram[0x60000:0x60010] = struct.pack("<QQ", 0x52000, 0xDEAD0000)         # a PRP list
+    commands = [
+        _sqe(0x02, 10, 1, prp1=0xDEAD0000),                                 # outside guest memory
+        _sqe(0x02, 11, 1, prp1=0x50002),                                    # PRP1 not dword aligned
+        _sqe(0x02, 12, 9, prp1=0x50000),                                    # no such namespace
+        _sqe(0x01, 13, 1, prp1=0x50000, prp2=0x60000, cdw12=23),            # list entry outside
+        _sqe(0x02, 14, 1, prp1=0x50000, cdw10=2047, cdw12=1),               # past the last LBA
+        _sqe(0x7F, 15, 1),                                                  # unknown opcode
+        _sqe(0x02, 16, 1, prp1=0x50000, cdw12=7),                           # a good 4 KiB read
+    ]
+    ram[0x40000:0x40000 + 64 * len(commands)] = b"".join(commands)
+    doorbells[8:12] = struct.pack("<I", len(commands))                      # SQ 1 tail
+    assert _wait_completions(ram, 0x30000, len(commands)) == {
+        10: (0, 0x04), 11: (0, 0x13), 12: (0, 0x0B), 13: (0, 0x04), 14: (0, 0x80), 15: (0, 0x01),
+        16: (0, 0x00)}
+    doorbells[8:12] = struct.pack("<I", 100)                                # beyond 16 entries
+    wait_fatal(peer)
+    doorbells.close()
+    os.close(fds[0])
+    ram.close()
+    assert peer.call(Command.DMA_UNMAP, p.DmaUnmap(0, 0, 2 * MB).encode())[0][4] == 0
+    os.close(fd)
+    assert peer.call(Command.DEVICE_RESET)[0][4] == 0
 
 
 def _eventfds_then_vanish(peer):
@@ -296,7 +360,7 @@ def _out_of_range_accesses(peer):
 
 CASES = [_short_header, _size_below_header, _huge_size, _before_version, _bad_json, _too_many_fds,
          _dma_beyond_fd_and_overlapping, _truncate_guest_memory_under_an_enabled_controller,
-         _unmap_in_use_and_hostile_doorbells,
+         _unmap_in_use_and_hostile_doorbells, _hostile_io_commands_and_an_impossible_io_doorbell,
          _eventfds_then_vanish, _half_a_message, _out_of_range_accesses]
 
 

@@ -5,6 +5,7 @@ and errors."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 
@@ -96,3 +97,54 @@ def test_nvmf_errors_are_clear(daemon):
     assert "already exists" in spdk_error(d, "nvmf_subsystem_add_listener", NQN, "-t", "VFIOUSER",
                                           "-a", str(traddr))["message"]
     assert spdk_error(d, "nvmf_delete_subsystem", "nqn.2016-06.io.spdk:none")["code"] == -32602
+
+
+def test_bdevs_become_namespaces_listed_saved_and_loaded_again(daemon, tmp_path):
+    d = daemon()
+    traddr = d.socket_dir / "vfu2"
+    traddr.mkdir()
+    d.spdk("bdev_malloc_create", "-b", "M512", "8", "512")
+    d.spdk("bdev_malloc_create", "-b", "M4K", "16", "4096")
+    d.spdk("nvmf_create_transport", "-t", "VFIOUSER")
+    d.spdk("nvmf_create_subsystem", NQN, "-a", "-m", "4")
+    d.spdk("nvmf_subsystem_add_listener", NQN, "-t", "VFIOUSER", "-a", str(traddr))
+    d.spdk("nvmf_subsystem_add_ns", NQN, "M512")       # spdk-rpc prints no result here
+    assert d.rpc("nvmf_subsystem_add_ns", nqn=NQN, namespace={
+        "bdev_name": "M4K", "nsid": 3, "eui64": "0011223344556677",
+        "nguid": "000102030405060708090a0b0c0d0e0f"}) == 3
+    m512 = d.rpc("bdev_get_bdevs", name="M512")[0]
+    assert m512["claimed"] is True
+    (ours,) = d.spdk("nvmf_get_subsystems", NQN)
+    first, third = ours["namespaces"]
+    assert (first["nsid"], first["bdev_name"], first["uuid"]) == (1, "M512", m512["uuid"])
+    assert first["nguid"] == m512["uuid"].replace("-", "").upper()
+    assert (third["nsid"], third["eui64"], third["nguid"]) == \
+        (3, "0011223344556677", "000102030405060708090A0B0C0D0E0F")
+
+    assert "already claimed" in spdk_error(d, "nvmf_subsystem_add_ns", NQN, "M512")["message"]
+    assert "already has NSID 3" in spdk_error(d, "nvmf_subsystem_add_ns", NQN, "M512", "-n", "3")["message"]
+    assert "maximum 4" in spdk_error(d, "nvmf_subsystem_add_ns", NQN, "M512", "-n", "5")["message"]
+    assert spdk_error(d, "nvmf_subsystem_add_ns", NQN, "nope")["code"] == -32602
+    assert spdk_error(d, "bdev_malloc_delete", "M4K")["message"] == "Device or resource busy"
+
+    saved = d.spdk("save_config")
+    config = {s["subsystem"]: s["config"] for s in saved["subsystems"]}
+    added = [e["params"] for e in config["nvmf"] if e["method"] == "nvmf_subsystem_add_ns"]
+    assert [(a["namespace"]["nsid"], a["namespace"]["bdev_name"]) for a in added] == [(1, "M512"), (3, "M4K")]
+
+    d.spdk("nvmf_subsystem_remove_ns", NQN, "1")
+    assert d.rpc("bdev_get_bdevs", name="M512")[0]["claimed"] is False
+    assert [n["nsid"] for n in d.spdk("nvmf_get_subsystems", NQN)[0]["namespaces"]] == [3]
+    assert spdk_error(d, "nvmf_subsystem_remove_ns", NQN, "1")["code"] == -32602
+
+    # the saved config rebuilds the same namespaces, identifiers included, in a new daemon
+    for entry in config["nvmf"]:
+        if entry["method"] == "nvmf_subsystem_add_listener":
+            entry["params"]["listen_address"]["traddr"] = str(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved))
+    again = daemon(config=str(path))
+    (restored,) = again.spdk("nvmf_get_subsystems", NQN)
+    assert restored["namespaces"] == ours["namespaces"]
+    again.spdk("nvmf_delete_subsystem", NQN)
+    assert again.rpc("bdev_get_bdevs", name="M4K")[0]["claimed"] is False

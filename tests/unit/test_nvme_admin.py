@@ -45,7 +45,7 @@ def test_identify_controller_fields_linux_reads(commands):
     assert data[111] == 1 and data[512] == 0x66 and data[513] == 0x44
     assert struct.unpack_from("<I", data, 516)[0] == 32
     assert struct.unpack_from("<H", data, 520)[0] & ident.ONCS_DSM
-    assert data[525] & ident.VWC_PRESENT
+    assert data[525] == ident.VWC_PRESENT | ident.VWC_NO_BROADCAST_FLUSH
 
 
 def test_identify_namespace_size_and_block_size(commands):
@@ -179,3 +179,29 @@ def test_every_opcode_with_junk_fields_completes_without_raising(commands):
                              *(rng.randrange(1 << 32) for _ in range(6)))
             result = commands.execute(sub)
             assert isinstance(result.status, st.Status)
+
+
+def test_namespace_changes_complete_a_held_aer_once_until_log_04_is_read(commands):
+    submit(commands, a.Opcode.SET_FEATURES, cdw10=a.Feature.ASYNC_EVENT_CONFIG,
+           cdw11=ident.OAES_NAMESPACE_ATTRIBUTE)
+    assert submit(commands, a.Opcode.ASYNC_EVENT_REQUEST, cid=9).held
+    commands.namespaces_changed({2})
+    commands.namespaces_changed({3})                   # masked: no second notice
+    assert commands.take_event() == (9, 0x00040002)
+    assert commands.take_event() is None
+    log = submit(commands, a.Opcode.GET_LOG_PAGE, cdw10=a.LogPage.CHANGED_NAMESPACES | 1 << 15
+                 | 1023 << 16).data
+    assert struct.unpack_from("<3I", log) == (2, 3, 0)
+    log = submit(commands, a.Opcode.GET_LOG_PAGE, cdw10=a.LogPage.CHANGED_NAMESPACES | 1023 << 16).data
+    assert struct.unpack_from("<3I", log) == (2, 3, 0)   # read with RAE 0: cleared after
+    assert submit(commands, a.Opcode.GET_LOG_PAGE,
+                  cdw10=a.LogPage.CHANGED_NAMESPACES | 1023 << 16).data == bytes(4096)
+    submit(commands, a.Opcode.ASYNC_EVENT_REQUEST, cid=10)
+    commands.namespaces_changed({4})                   # unmasked again
+    assert commands.take_event() == (10, 0x00040002)
+
+
+def test_no_namespace_notice_unless_the_host_asked_for_it(commands):
+    submit(commands, a.Opcode.ASYNC_EVENT_REQUEST, cid=9)
+    commands.namespaces_changed({2})
+    assert commands.take_event() is None

@@ -47,6 +47,9 @@ class LogPage:
     CHANGED_NAMESPACES = 0x04
 
 
+# AER DW0: type 2 (notice), information 0 (namespace attribute changed), log page 04.
+AER_NAMESPACE_ATTRIBUTE_CHANGED = 0x2 | 0x00 << 8 | LogPage.CHANGED_NAMESPACES << 16
+
 LOG_SIZES = {LogPage.ERROR: 64, LogPage.SMART: 512, LogPage.FIRMWARE_SLOT: 512,
              LogPage.CHANGED_NAMESPACES: 4096}
 
@@ -130,6 +133,31 @@ class AdminCommands:
         granted = self.max_io_queues - 1
         self.features[Feature.NUMBER_OF_QUEUES] = granted | granted << 16
         self.held_aers: list[int] = []
+        self.changed_nsids: set[int] = set()      # the Changed Namespace List log
+        self.pending_events: list[int] = []       # AER DW0s waiting for a held request
+        self._notice_masked = False               # a namespace notice is out until log 04 is read
+
+    def namespaces_changed(self, nsids: set[int]) -> None:
+        """Namespaces were attached or detached: record them for log 04 and, if the host asked for
+        namespace attribute notices (feature 0B bit 8), queue one (masked until it reads the log)."""
+        self.changed_nsids |= nsids
+        if self.features[Feature.ASYNC_EVENT_CONFIG] & ident.OAES_NAMESPACE_ATTRIBUTE \
+                and not self._notice_masked:
+            self._notice_masked = True
+            self.pending_events.append(AER_NAMESPACE_ATTRIBUTE_CHANGED)
+
+    def take_event(self) -> tuple[int, int] | None:
+        """(CID of a held AER, its DW0) for the next event, or None."""
+        if self.pending_events and self.held_aers:
+            return self.held_aers.pop(0), self.pending_events.pop(0)
+        return None
+
+    def reset_queue_effects(self, effects: list) -> None:
+        """Undo the bookkeeping of queue creations the data plane could not carry out."""
+        for effect in effects:
+            if isinstance(effect, CreateQueue):
+                table = self.cqs if effect.kind == "cq" else self.sqs
+                table.pop(effect.config.qid, None)
 
     def execute(self, sub: Submission) -> AdminResult:
         handler = self._handlers.get(sub.opcode)
@@ -266,6 +294,9 @@ class AdminCommands:
         if offset % 4:
             return _fail(st.INVALID_FIELD)
         page = self._log_page(lid)
+        if lid == LogPage.CHANGED_NAMESPACES and not sub.cdw10 & 1 << 15:    # RAE 0: read clears
+            self.changed_nsids.clear()
+            self._notice_masked = False
         return AdminResult(data=page[offset:offset + dwords * 4].ljust(dwords * 4, b"\0"))
 
     def _log_page(self, lid: int) -> bytes:
@@ -280,6 +311,11 @@ class AdminCommands:
             page[3] = 100                                         # available spare
             page[4] = 10                                          # spare threshold
             return bytes(page)
+        if lid == LogPage.CHANGED_NAMESPACES:
+            nsids = sorted(self.changed_nsids)
+            if len(nsids) > 1024:
+                nsids = [0xFFFFFFFF]                              # more than the list holds
+            return struct.pack("<%dI" % len(nsids), *nsids).ljust(4096, b"\0")
         return bytes(LOG_SIZES[lid])
 
     def _async_event_request(self, sub: Submission) -> AdminResult:

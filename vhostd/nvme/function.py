@@ -5,6 +5,11 @@ page at 0x1000, which lives in a memfd that the client maps (the one sparse-mmap
 guest's doorbell stores land in memory the controller reads; doorbell writes that QEMU traps anyway
 (firmware, INTx emulation) are stored in the same page.  BAR4 holds the MSI-X table and BAR5 the
 PBA; QEMU emulates the table itself, so they read as zeros here.
+
+The I/O queues are served on a reactor (ext/nvme.pxi's ``NvmeController``): the admin queue
+creates and deletes them in the controller's slots, and the connection takes the controller off
+its reactor (``pause``) before anything the reactor reads changes under it (DMA windows, interrupt
+fds, reset) and puts it back after (``sync_data_plane``).
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ import struct
 from errno import EINVAL
 from typing import Any, Protocol
 
+from .. import _dataplane as dp
 from ..vfio_user.memory import MemoryAccessError
 from ..vfio_user.protocol import CommandError, PciIrq, PciRegion, RegionFlag, SparseArea
 from ..vfio_user.session import RegionDescription
 from . import identify as ident
 from . import registers as r
 from . import status as st
-from .admin import AdminCommands
+from .admin import AdminCommands, CreateQueue, DeleteQueue
 from .command import CQE_SIZE, SQE_SIZE, Completion, Submission
 from .pci import BarLayout, ConfigSpace, PciIdentity
 from .prp import DataPointerError, prp_segments
@@ -34,6 +40,7 @@ DOORBELL_PAGE_SIZE = 0x1000
 READ_WRITE = RegionFlag.READ | RegionFlag.WRITE
 PAGE_SIZE = 4096
 MAX_IO_QUEUES = 31
+MAX_NAMESPACES = 32          # the data plane's NSIDs (NVME_MAX_NS)
 
 
 class GuestMemory(Protocol):
@@ -55,8 +62,16 @@ class NvmeFunction:
     def __init__(self, name: str, caps: r.Capabilities = r.Capabilities(),
                  identity: PciIdentity = PciIdentity(), bars: BarLayout = BarLayout(),
                  mappable_bar0: bool = True,
-                 info: ident.ControllerInfo = ident.ControllerInfo()) -> None:
+                 info: ident.ControllerInfo = ident.ControllerInfo(),
+                 reactors: Any = None) -> None:
         self.name = name
+        self.info = info
+        self.reactors = reactors              # vhostd.dataplane.ReactorSet, or None: no I/O queues
+        self.io: dp.NvmeController | None = None
+        self._io_reactor: Any = None          # the reactor polling self.io, or None
+        self._io_fds: tuple = ()
+        self.disks: dict[int, Any] = {}       # nsid → the bdev's data-plane Disk
+        self._namespaces_stale = False        # self.io serves other namespaces than self.disks
         self.bars = bars
         self.registers = r.ControllerRegisters(caps)
         self.config = ConfigSpace(identity, bars)
@@ -76,6 +91,19 @@ class NvmeFunction:
         else:
             self._bar0_map = None
             self.doorbells = memoryview(bytearray(DOORBELL_PAGE_SIZE))
+
+    def set_namespaces(self, namespaces: dict[int, ident.NamespaceInfo],
+                       disks: dict[int, Any] | None = None) -> None:
+        """The namespaces Identify reports from now on (NSID → geometry and identifiers) and the
+        disks the I/O queues serve them from (taken at the next controller enable)."""
+        before = self.admin.namespaces
+        changed = {nsid for nsid in set(before) | set(namespaces)
+                   if before.get(nsid) != namespaces.get(nsid)}
+        self.admin.namespaces = dict(namespaces)
+        self.disks = dict(disks or {})
+        if changed and self.registers.ready:
+            self.admin.namespaces_changed(changed)
+            self._namespaces_stale = True
 
     # -- vfio-user DeviceModel ----------------------------------------------------------------
     def region(self, index: int) -> RegionDescription:
@@ -150,6 +178,7 @@ class NvmeFunction:
                 return
             self.admin_sq = SubmissionQueue(0, admin.sq_addr, admin.sq_entries)
             self.admin_cq = CompletionQueue(0, admin.cq_addr, admin.cq_entries)
+            self._start_io(memory)
             self.registers.report_ready()
         elif isinstance(event, r.Disable):
             self._drop_queues()
@@ -157,7 +186,85 @@ class NvmeFunction:
         elif isinstance(event, r.Shutdown):
             self.registers.report_shutdown_complete()
 
+    def _start_io(self, memory: GuestMemory) -> None:
+        guest = getattr(memory, "guest", None)
+        if self.reactors is None or guest is None:
+            return
+        self._drop_io()
+        self.io = dp.NvmeController(guest, self.doorbells, PAGE_SIZE << self.info.mdts)
+        for nsid, disk in self.disks.items():
+            self.io.set_namespace(nsid, disk)
+
+    def _drop_io(self) -> None:
+        """Forget the I/O queues' controller (it is off its reactor: see pause)."""
+        if self.io is not None:
+            if self._io_reactor is not None:
+                raise RuntimeError("%s: I/O queues dropped while a reactor polls them" % self.name)
+            self.io.release()
+            self.io = None
+            self._io_fds = ()
+
+    def _irq_fd_list(self, irq_fds: dict[int, list[int | None]]) -> tuple:
+        if self.config.msix_enabled:
+            return tuple(irq_fds.get(PciIrq.MSIX, []))
+        if not self.config.intx_disabled:
+            return tuple(irq_fds.get(PciIrq.INTX, [])[:1])
+        return ()
+
+    async def pause(self) -> None:
+        """Take the I/O queues off their reactor (in-flight commands finish first)."""
+        reactor, self._io_reactor = self._io_reactor, None
+        if reactor is None or self.io is None:
+            return
+        await self.reactors.wait(reactor, reactor.post_remove_queue(self.io.queue))
+        reactor.forget_queue(self.io.queue)
+        self.reactors.placed(reactor, -1)
+
+    async def sync_data_plane(self, irq_fds: dict[int, list[int | None]]) -> None:
+        """Put the I/O queues on a reactor while the controller is ready (interrupt fds as the
+        client set them), and off it when it is not."""
+        io = self.io
+        if io is not None and io.fatal and not self.registers.fatal:
+            log.warning("%s: an I/O queue doorbell was impossible: controller fatal status", self.name)
+            self.registers.report_fatal("impossible I/O queue doorbell")
+        wanted = io is not None and self.registers.ready and not self.registers.fatal
+        fds = self._irq_fd_list(irq_fds) if wanted else ()
+        stale = self._namespaces_stale and io is not None
+        if self._io_reactor is not None and (not wanted or fds != self._io_fds or stale):
+            await self.pause()
+        if not wanted or self._io_reactor is not None:
+            return
+        if stale:
+            for nsid in range(1, MAX_NAMESPACES + 1):
+                if self.disks.get(nsid) is not io.namespace_disk(nsid):
+                    io.set_namespace(nsid, self.disks.get(nsid))
+            self._namespaces_stale = False
+        io.set_irq_fds(list(fds))
+        self._io_fds = fds
+        reactor = self.reactors.least_loaded()
+        self._io_reactor = reactor
+        self.reactors.placed(reactor, 1)
+        await self.reactors.wait(reactor, reactor.post_add_queue(io.queue))
+
+    def _apply_queue_effects(self, effects: list) -> None:
+        io = self.io
+        if io is None:
+            return
+        for effect in effects:
+            if isinstance(effect, CreateQueue):
+                q = effect.config
+                if effect.kind == "cq":
+                    io.create_cq(q.qid, q.addr, q.entries, q.vector, q.interrupts)
+                else:
+                    io.create_sq(q.qid, q.addr, q.entries, q.cqid)
+            elif isinstance(effect, DeleteQueue):
+                if effect.kind == "cq":
+                    io.delete_cq(effect.qid)
+                else:
+                    io.delete_sq(effect.qid)
+
     def _drop_queues(self) -> None:
+        self._drop_io()
         self.admin_sq = self.admin_cq = None
         self.admin.reset()
         self.doorbells[:] = bytes(DOORBELL_PAGE_SIZE)
@@ -209,25 +316,46 @@ class NvmeFunction:
             completion = self._run_admin(sub, memory)
             if completion is None:
                 continue                     # held (an Asynchronous Event Request)
-            address, phase = cq.push()
-            entry = Completion(sub.cid, completion.status, completion.dw0, sq.head, 0).encode(phase)
-            try:
-                # DW0–DW2 first, then DW3 with the phase tag: the host never sees half an entry.
-                memory.write(address, entry[:12])
-                memory.write(address + 12, entry[12:])
-            except MemoryAccessError as exc:
-                self.registers.report_fatal("admin CQ unwritable: %s" % exc)
+            if not self._post_admin(memory, Completion(sub.cid, completion.status, completion.dw0,
+                                                       sq.head, 0)):
+                return done
+            done += 1
+        while not cq.full():                 # events complete held AERs
+            event = self.admin.take_event()
+            if event is None:
+                break
+            if not self._post_admin(memory, Completion(event[0], st.SUCCESS, event[1], sq.head, 0)):
                 return done
             done += 1
         if done:
             signal(cq.vector)
         return done
 
+    def _post_admin(self, memory: GuestMemory, completion: Completion) -> bool:
+        """Post on the admin CQ; False (controller fatal) if its memory went away."""
+        address, phase = self.admin_cq.push()
+        entry = completion.encode(phase)
+        try:
+            # DW0–DW2 first, then DW3 with the phase tag: the host never sees half an entry.
+            memory.write(address, entry[:12])
+            memory.write(address + 12, entry[12:])
+        except MemoryAccessError as exc:
+            self.registers.report_fatal("admin CQ unwritable: %s" % exc)
+            return False
+        return True
+
     def _run_admin(self, sub: Submission, memory: GuestMemory) -> Completion | None:
         result = self.admin.execute(sub)
         if result.held:
             return None
         status = result.status
+        if result.effects:
+            try:
+                self._apply_queue_effects(result.effects)
+            except ValueError as exc:              # memory went away since the admin check
+                log.warning("%s: %s", self.name, exc)
+                self.admin.reset_queue_effects(result.effects)
+                status = st.DATA_TRANSFER_ERROR
         if result.data is not None and status.ok:
             try:
                 offset = 0
@@ -258,6 +386,7 @@ class NvmeFunction:
 
     def close(self) -> None:
         """Release the BAR0 memory (the controller is deleted)."""
+        self._drop_io()
         self.doorbells.release()
         if self._bar0_map is not None:
             self._bar0_map.close()

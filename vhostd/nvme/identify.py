@@ -16,7 +16,7 @@ ONCS_WRITE_ZEROES = 1 << 3
 OAES_NAMESPACE_ATTRIBUTE = 1 << 8
 LPA_EXTENDED_DATA = 1 << 2
 VWC_PRESENT = 1 << 0
-VWC_BROADCAST_FLUSH = 0b11 << 1
+VWC_NO_BROADCAST_FLUSH = 0b10 << 1   # Flush of NSID 0xffffffff: Invalid Namespace
 NSFEAT_DEALLOCATE = 1 << 2
 
 DESCRIPTOR_EUI64, DESCRIPTOR_NGUID, DESCRIPTOR_UUID = 1, 2, 3
@@ -81,7 +81,7 @@ def identify_controller(info: ControllerInfo) -> bytes:
     data[513] = 0x44                                                       # CQES: 16 bytes
     struct.pack_into("<HI", data, 514, info.max_commands, info.max_namespaces)   # MAXCMD, NN
     struct.pack_into("<H", data, 520, ONCS_DSM | ONCS_WRITE_ZEROES)
-    data[525] = VWC_PRESENT | VWC_BROADCAST_FLUSH
+    data[525] = VWC_PRESENT | VWC_NO_BROADCAST_FLUSH
     nqn = info.subnqn.encode()[:255]
     data[768:768 + len(nqn)] = nqn
     return bytes(data)

@@ -145,6 +145,10 @@ class ControllerRegisters:
     def ready(self) -> bool:
         return bool(self.csts & CSTS_RDY)
 
+    @property
+    def fatal(self) -> bool:
+        return bool(self.csts & CSTS_CFS)
+
     # -- host access --------------------------------------------------------------------------
     def image(self) -> bytes:
         """The register page as the host reads it."""

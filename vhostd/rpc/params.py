@@ -284,6 +284,33 @@ class NvmfSubsystemOnly(Params):
     tgt_name: str | None = None
 
 
+class NvmfNamespace(Params):
+    """The namespace of nvmf_subsystem_add_ns: a bdev and, optionally, its NSID and identifiers
+    (``nguid`` 16 and ``eui64`` 8 bytes in hex)."""
+
+    bdev_name: str
+    nsid: U32 | None = None
+    uuid: str | None = None
+    nguid: str | None = None
+    eui64: str | None = None
+    ptpl_file: str | None = None
+    anagrpid: U32 | None = None
+    no_auto_visible: bool = False
+    hide_metadata: bool = False
+
+
+class NvmfSubsystemAddNs(Params):
+    nqn: str
+    namespace: NvmfNamespace
+    tgt_name: str | None = None
+
+
+class NvmfSubsystemRemoveNs(Params):
+    nqn: str
+    nsid: Annotated[int, Field(ge=1, le=0xFFFFFFFE)]
+    tgt_name: str | None = None
+
+
 class NvmfGetSubsystems(Params):
     nqn: str | None = None
     tgt_name: str | None = None

@@ -41,6 +41,12 @@ class ServedDevice(s.DeviceModel, Protocol):
     def poll(self, memory: DmaMemory, irq_fds: dict[int, list[int | None]]) -> int:
         """Run queued work (the admin queue) once; returns how much was done."""
 
+    async def pause(self) -> None:
+        """Stop the data plane's use of guest memory and interrupt fds (before they change)."""
+
+    async def sync_data_plane(self, irq_fds: dict[int, list[int | None]]) -> None:
+        """Let the data plane serve the device again as its state now says."""
+
 
 class Connection:
     """Serves one client of ``device`` on ``transport``."""
@@ -52,6 +58,7 @@ class Connection:
         self.memory = DmaMemory()
         self._failed: dict[int, int] = {}             # msg id → errno of a mapping that failed
         self._quiet_polls = 0
+        self._handling = False                        # a message's effects are being carried out
 
     async def run(self) -> None:
         """Serve until the client leaves or breaks the protocol, then release what it gave."""
@@ -60,14 +67,21 @@ class Connection:
             while True:
                 msg = await self.transport.receive()
                 effects = self.session.receive(msg)
+                self._handling = True
+                if any(not isinstance(e, (s.Reply, s.TriggerIrq, s.UnmaskIrq)) for e in effects):
+                    await self.device.pause()
                 await self._carry_out(effects, msg.msg_id)
                 self._poll()
+                await self.device.sync_data_plane(self.session.irq_fds)
+                self._handling = False
         except ConnectionClosed:
             log.info("%s: vfio-user client left", self.device.name)
         except p.ProtocolError as exc:
             log.warning("%s: vfio-user client dropped: %s", self.device.name, exc)
         finally:
             poller.cancel()
+            # The reactors let go of guest memory before it is unmapped.
+            await self.device.pause()
             self.close()
 
     async def _poll_loop(self, serving: asyncio.Task | None) -> None:
@@ -82,6 +96,8 @@ class Connection:
                     serving.cancel()
                 return
             self._poll()
+            if not self._handling:
+                await self.device.sync_data_plane(self.session.irq_fds)
 
     def _poll(self) -> None:
         if self.device.poll(self.memory, self.session.irq_fds):

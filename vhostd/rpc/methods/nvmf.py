@@ -1,6 +1,6 @@
 """nvmf methods: the VFIOUSER transport, subsystems and their listeners (NVMe controllers for
 guests over vfio-user).  Errors are -32602 with what was wrong, as SPDK's nvmf_rpc.c answers
-"Invalid parameters" for most of them; namespaces are not served yet."""
+"Invalid parameters" for most of them."""
 
 from __future__ import annotations
 
@@ -79,6 +79,31 @@ async def nvmf_subsystem_remove_listener(app, p: P.NvmfSubsystemListener):
     return True
 
 
+@rpc_method("nvmf_subsystem_add_ns", result=int, params=P.NvmfSubsystemAddNs, map_error=nvmf_error)
+def nvmf_subsystem_add_ns(app, p: P.NvmfSubsystemAddNs):
+    """Attach a bdev as a namespace; returns its NSID."""
+    ns = p.namespace
+    if ns.no_auto_visible:
+        raise RpcError(-32602, "Invalid parameters: no_auto_visible namespaces are not supported")
+    return app.nvmf.add_namespace(p.nqn, ns.bdev_name, ns.nsid, ns.uuid, ns.nguid, ns.eui64).nsid
+
+
+@rpc_method("nvmf_subsystem_remove_ns", result=bool, params=P.NvmfSubsystemRemoveNs,
+            map_error=nvmf_error)
+def nvmf_subsystem_remove_ns(app, p: P.NvmfSubsystemRemoveNs):
+    """Detach a namespace; its bdev is released."""
+    app.nvmf.remove_namespace(p.nqn, p.nsid)
+    return True
+
+
+def _namespace(ns) -> dict:
+    out = {"nsid": ns.nsid, "bdev_name": ns.bdev.name, "name": ns.bdev.name,
+           "nguid": ns.nguid.hex().upper(), "uuid": str(ns.uuid)}
+    if any(ns.eui64):
+        out["eui64"] = ns.eui64.hex().upper()
+    return out
+
+
 def _address(listener) -> dict:
     return {"trtype": listener.trtype, "adrfam": "", "traddr": listener.traddr, "trsvcid": ""}
 
@@ -105,7 +130,7 @@ def nvmf_get_subsystems(app, p: P.NvmfGetSubsystems):
             "serial_number": s.serial_number, "model_number": s.model_number,
             "max_namespaces": s.max_namespaces, "passthrough": False,
             "min_cntlid": s.min_cntlid, "max_cntlid": s.max_cntlid,
-            "namespaces": [],
+            "namespaces": [_namespace(ns) for _, ns in sorted(s.namespaces.items())],
         })
     if p.nqn is not None:
         out = [s for s in out if s["nqn"] == p.nqn]
@@ -122,6 +147,10 @@ def _config(app) -> list:
             "nqn": s.nqn, "serial_number": s.serial_number, "model_number": s.model_number,
             "allow_any_host": s.allow_any_host, "max_namespaces": s.max_namespaces,
             "min_cntlid": s.min_cntlid, "max_cntlid": s.max_cntlid}})
+        for _, ns in sorted(s.namespaces.items()):
+            namespace = {k: v for k, v in _namespace(ns).items() if k != "name"}
+            entries.append({"method": "nvmf_subsystem_add_ns", "params": {
+                "nqn": s.nqn, "namespace": namespace}})
         for listener in s.listeners:
             entries.append({"method": "nvmf_subsystem_add_listener", "params": {
                 "nqn": s.nqn, "listen_address": {"trtype": listener.trtype, "traddr": listener.traddr}}})
