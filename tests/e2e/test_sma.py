@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from guest import tail_text, terminate
+from tests.helpers.ports import free_tcp_port
 from tests.helpers.waiting import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -33,12 +33,6 @@ LIMITED_READ_BYTES = 8 * MIB         # about 4 s at the limit
 UNLIMITED_READ_BYTES = 32 * MIB
 
 pytestmark = pytest.mark.e2e
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sma_modules():

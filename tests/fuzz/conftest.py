@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
 from tests.helpers.daemon import Daemon
+from tests.helpers.ports import free_tcp_port
 
 SOAK = os.environ.get("VHOSTD_FUZZ_SOAK") == "1"
 
@@ -16,12 +16,6 @@ SOAK = os.environ.get("VHOSTD_FUZZ_SOAK") == "1"
 def examples(default: int, soak: int) -> int:
     """Hypothesis max_examples: bounded for the normal run, larger for a soak."""
     return soak if SOAK else default
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def proc_fd_count(pid: int) -> int:

@@ -11,12 +11,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
+from tests.helpers.ports import free_tcp_port
 from tests.helpers.waiting import wait_for
 
 DAEMON_BINARIES = {"ceph-mon": "ceph-mon", "ceph-osd": "ceph-osd", "ceph-mgr": "ceph-mgr",
@@ -33,12 +33,6 @@ def missing_tools() -> list[str]:
             if shutil.which(tool) is None]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class CephError(Exception):
     pass
 
@@ -53,8 +47,8 @@ class CephCluster:
         self.osd_size_bytes = osd_size_bytes
         self.fsid = str(uuid.uuid4())
         self.osd_uuid = str(uuid.uuid4())
-        self.mon_port_v2 = free_port()
-        self.mon_port_v1 = free_port()
+        self.mon_port_v2 = free_tcp_port()
+        self.mon_port_v1 = free_tcp_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.commands: dict[str, list[str]] = {}
         self.pool = POOL

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 import struct
 import urllib.request
 
@@ -14,12 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from vhostd.initiator.blk import T_IN, VirtioBlk
 
 BLOCK = 512
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def drain_signals(fd: int) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.helpers.frontend_load import free_port
+from tests.helpers.ports import free_tcp_port
 from tests.helpers.waiting import wait_for
 
 
@@ -21,7 +21,7 @@ class Prometheus:
         self.workdir = workdir
         self.config_path = workdir / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(config))
-        self.port = free_port()
+        self.port = free_tcp_port()
         self.url = "http://127.0.0.1:%d" % self.port
         self.log_path = workdir / "prometheus.log"
         self.proc: subprocess.Popen | None = None

@@ -3,7 +3,8 @@ front-end: counts of call-eventfd signals, never timings."""
 
 import time
 
-from tests.helpers.frontend_load import ReadStream, drain_signals, free_port, metric, scrape, wait_signal
+from tests.helpers.frontend_load import ReadStream, drain_signals, metric, scrape, wait_signal
+from tests.helpers.ports import free_tcp_port
 from vhostd.initiator.blk import VirtioBlk
 
 REQUESTS = 100_000
@@ -17,7 +18,7 @@ def open_disk(d, name="vhost.0"):
 
 
 def test_coalescing_under_load_sends_fewer_signals_per_request(daemon):
-    port = free_port()
+    port = free_tcp_port()
     d = daemon("--http", "127.0.0.1:%d" % port)
     d.rpc("bdev_malloc_create", name="M0", num_blocks=16384, block_size=512)
     d.rpc("vhost_create_blk_controller", ctrlr="vhost.0", dev_name="M0")
@@ -43,7 +44,7 @@ def test_coalescing_under_load_sends_fewer_signals_per_request(daemon):
 
 
 def test_after_an_idle_spell_every_request_is_signalled_at_once(daemon):
-    port = free_port()
+    port = free_tcp_port()
     d = daemon("--http", "127.0.0.1:%d" % port)
     d.rpc("bdev_malloc_create", name="M0", num_blocks=16384, block_size=512)
     d.rpc("vhost_create_blk_controller", ctrlr="vhost.0", dev_name="M0")

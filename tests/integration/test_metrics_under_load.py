@@ -3,7 +3,8 @@ daemon raises every per-queue, per-reactor and per-bdev counter; an idle spell r
 
 import time
 
-from tests.helpers.frontend_load import ReadStream, free_port, metric, scrape
+from tests.helpers.frontend_load import ReadStream, metric, scrape
+from tests.helpers.ports import free_tcp_port
 from vhostd import _dataplane as dp
 from vhostd.initiator.blk import VirtioBlk
 
@@ -16,7 +17,7 @@ def controller_thread(d, name="vhost.0"):
 
 
 def test_counters_move_with_the_load(daemon):
-    port = free_port()
+    port = free_tcp_port()
     d = daemon("--http", "127.0.0.1:%d" % port)
     d.rpc("bdev_malloc_create", name="M0", num_blocks=BLOCKS, block_size=512)
     d.rpc("vhost_create_blk_controller", ctrlr="vhost.0", dev_name="M0")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers.frontend_load import free_port
+from tests.helpers.ports import free_tcp_port
 from tests.helpers.prometheus import Prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ def watched(daemon, tmp_path):
     Prometheus configured from docker/prometheus.yml."""
     (tmp_path / "http-auth").write_text("prometheus:scrape-secret\n")
     (tmp_path / "password").write_text("scrape-secret\n")
-    port = free_port()
+    port = free_tcp_port()
     d = daemon("--http", "127.0.0.1:%d" % port, "--http-auth", str(tmp_path / "http-auth"))
     d.spdk("bdev_malloc_create", "-b", "Malloc0", "64", "512")
     d.spdk("bdev_malloc_create", "-b", "Malloc1", "8", "512")

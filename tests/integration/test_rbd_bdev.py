@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.helpers.ceph import free_port
+from tests.helpers.ports import free_tcp_port
 from tests.helpers.daemon import SpdkRpcError
 from tests.helpers.waiting import wait_for
 from vhostd.initiator.blk import VirtioBlk
@@ -96,7 +96,7 @@ def test_failures_answer_within_bounded_time(ceph_cluster, rbd_image, daemon):
     assert bad_pool["code"] == bad_image["code"] == no_cluster["code"] == -1
     assert "nopool" in bad_pool["message"] and "no-such-image" in bad_image["message"]
 
-    unreachable = ["--config-param", "mon_host=127.0.0.1:%d" % free_port(),
+    unreachable = ["--config-param", "mon_host=127.0.0.1:%d" % free_tcp_port(),
                    "--config-param", "client_mount_timeout=3"]
     t0 = time.monotonic()
     err = spdk_error(d, "bdev_rbd_register_cluster", "c1", *unreachable)

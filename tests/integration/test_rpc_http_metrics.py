@@ -2,19 +2,13 @@
 
 import base64
 import json
-import socket
 import urllib.error
 import urllib.request
 
 import pytest
 
 from tests.helpers.daemon import Daemon
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.ports import free_tcp_port
 
 
 def http(port, path="/", body=None, user=None, method=None):
@@ -33,7 +27,7 @@ def http(port, path="/", body=None, user=None, method=None):
 def test_http_rpc_with_basic_auth(daemon, tmp_path):
     auth = tmp_path / "auth"
     auth.write_text("# operators\nadmin:s3cret\n")
-    port = free_port()
+    port = free_tcp_port()
     d = daemon("--http", "127.0.0.1:%d" % port, "--http-auth", str(auth))
     status, _ = http(port, body={"jsonrpc": "2.0", "method": "bdev_get_bdevs", "id": 1})
     assert status == 401
@@ -51,7 +45,7 @@ def test_http_rpc_with_basic_auth(daemon, tmp_path):
 
 
 def test_http_without_auth_serves_loopback_and_warns(daemon):
-    port = free_port()
+    port = free_tcp_port()
     d = daemon("--http", "127.0.0.1:%d" % port)
     status, body = http(port, body={"method": "log_get_level", "id": 3})
     assert json.loads(body)["result"] == "NOTICE"
@@ -59,7 +53,7 @@ def test_http_without_auth_serves_loopback_and_warns(daemon):
 
 
 def test_metrics_count_rpc_calls_and_bdev_io(daemon, tmp_path):
-    port = free_port()
+    port = free_tcp_port()
     d = daemon("--http", "127.0.0.1:%d" % port)
     d.rpc("bdev_malloc_create", name="M0", num_blocks=64, block_size=512)
     d.rpc("bdev_get_bdevs")
@@ -72,7 +66,7 @@ def test_metrics_count_rpc_calls_and_bdev_io(daemon, tmp_path):
 
 
 def test_unknown_method_names_share_one_metrics_label(daemon):
-    port = free_port()
+    port = free_tcp_port()
     daemon("--http", "127.0.0.1:%d" % port)
     status, body = http(port, body=[{"method": "no_such_method_%d" % i, "id": i} for i in range(200)])
     assert status == 200 and len(json.loads(body)) == 200
@@ -84,7 +78,7 @@ def test_unknown_method_names_share_one_metrics_label(daemon):
 def test_bad_http_auth_file_stops_startup(tmp_path):
     bad = tmp_path / "auth"
     bad.write_text("no-colon-here\n")
-    d = Daemon("--http", "127.0.0.1:%d" % free_port(), "--http-auth", str(bad))
+    d = Daemon("--http", "127.0.0.1:%d" % free_tcp_port(), "--http-auth", str(bad))
     d.start(wait=False)
     try:
         assert d.proc.wait(20) == 1

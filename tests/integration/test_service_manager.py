@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from vhostd.cli import build_parser
+from tests.helpers.ports import free_tcp_port
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "scripts" / "systemd" / "vhostd.service"
@@ -170,9 +171,7 @@ def test_daemonset_config_starts_its_controller_and_healthz_answers_without_auth
     config.write_text(config_map["data"]["config.json"])
     auth = tmp_path / "http-auth"
     auth.write_text("prometheus:secret\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_tcp_port()
     d = daemon("--http", "127.0.0.1:%d" % port, "--http-auth", str(auth), "--log-format", "json",
                config=str(config))
     assert [c["ctrlr"] for c in d.rpc("vhost_get_controllers")] == ["vhost.0"]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.helpers.frontend_load import free_port
+from tests.helpers.ports import free_tcp_port
 from tests.helpers.tmux import TmuxScreen
 from vhostd.latency_histogram import quantile_s
 from vhostd.top import Snapshot, ViewState, controller_rows, queue_rows, render
@@ -32,7 +32,7 @@ def loaded(daemon, tmp_path):
     Basic auth too."""
     auth = tmp_path / "http-auth"
     auth.write_text("operator:s3cret\n")
-    auth_port = free_port()
+    auth_port = free_tcp_port()
     d = daemon("--http", "127.0.0.1:%d" % auth_port, "--http-auth", str(auth))
     d.spdk("bdev_malloc_create", "-b", "Malloc0", "32", "512")
     d.spdk("vhost_create_blk_controller", "vhost.0", "Malloc0")
