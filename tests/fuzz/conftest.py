@@ -18,15 +18,6 @@ def examples(default: int, soak: int) -> int:
     return soak if SOAK else default
 
 
-def proc_fd_count(pid: int) -> int:
-    return len(os.listdir("/proc/%d/fd" % pid))
-
-
-def proc_map_count(pid: int) -> int:
-    with open("/proc/%d/maps" % pid) as f:
-        return sum(1 for _ in f)
-
-
 @pytest.fixture(scope="module")
 def fuzz_daemon(request):
     """A running vhostd with the HTTP endpoint on a free loopback port (``.http_url``)."""
